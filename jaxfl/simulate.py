@@ -1,0 +1,233 @@
+"""The one place where clients are mapped: execution strategies and the federated round.
+
+A round is a pure function of (server state, client data, round index). How the sampled clients'
+``client_update`` calls are executed is a *strategy*, invisible to algorithms:
+
+- ``vmap``: every sampled client in one ``jax.vmap`` inside one ``jax.jit`` (the accelerator
+  design target);
+- ``chunked``: ``lax.scan`` over chunks of ``chunk_size`` clients, vmapped within a chunk and
+  accumulating the weighted sum, so memory is bounded by the chunk, still one jit per round;
+- ``loop``: a Python loop calling one jitted per-client step that adds the client's weighted
+  update into a running sum (fastest on a small CPU, where vmapped convolutions are slow);
+- ``auto``: ``loop`` on CPU, ``chunked`` elsewhere (see README's performance section).
+
+All strategies compute the same weighted mean (up to float summation order) because every
+client's key is ``fold_in(fold_in(client_stream, round), client_id)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfl.algorithms.base import FederatedAlgorithm, ServerState
+from jaxfl.tree import tree_add, tree_scale, tree_sum_axis0
+from jaxfl.types import ClientArrays, ClientData, Params
+
+STRATEGIES = ("vmap", "chunked", "loop")
+
+# Named RNG streams, folded into the root key derived from the seed.
+INIT_STREAM, SAMPLE_STREAM, CLIENT_STREAM = 0, 1, 2
+
+
+def resolve_strategy(strategy: str, backend: str | None = None) -> str:
+    """Map ``auto`` to a concrete strategy for ``backend`` (default: JAX's default backend)."""
+    if strategy in STRATEGIES:
+        return strategy
+    if strategy != "auto":
+        raise ValueError(
+            f"Unknown client-execution strategy {strategy!r}; choose one of "
+            f"{('auto',) + STRATEGIES}."
+        )
+    backend = backend or jax.default_backend()
+    return "loop" if backend == "cpu" else "chunked"
+
+
+def num_sampled_clients(spec: int | float | None, num_clients: int) -> int:
+    """Clients per round: ``None``/``0`` = all, an int = that many, a float in (0, 1] = fraction."""
+    if spec is None or spec == 0:
+        return num_clients
+    if isinstance(spec, float):
+        if not 0 < spec <= 1:
+            raise ValueError(
+                f"clients_per_round={spec}: a float is a fraction of clients and must be in "
+                "(0, 1]; use an int for a count."
+            )
+        return max(1, int(round(spec * num_clients)))
+    if not 1 <= int(spec) <= num_clients:
+        raise ValueError(
+            f"clients_per_round={spec} but there are {num_clients} clients; use a count in "
+            f"[1, {num_clients}], a fraction in (0, 1], or 0 for all clients."
+        )
+    return int(spec)
+
+
+def client_key(client_stream: jax.Array, round_idx: jax.Array, client_id: jax.Array) -> jax.Array:
+    """The key of one client in one round, independent of how clients are batched."""
+    return jax.random.fold_in(jax.random.fold_in(client_stream, round_idx), client_id)
+
+
+class Aggregate(NamedTuple):
+    """Running sums over clients: ``sum_c w_c * update_c``, ``sum_c w_c`` and metric sums."""
+
+    weighted_update: Params
+    weight: jax.Array
+    metrics: dict[str, jax.Array]
+
+
+def _select_client(arrays: ClientArrays, cid: jax.Array, valid: jax.Array) -> ClientData:
+    """One client's data; an invalid (padding) slot becomes a client with zero examples."""
+    data = ClientData(arrays.images[cid], arrays.labels[cid], arrays.mask[cid], arrays.counts[cid])
+    return data._replace(mask=data.mask * valid, count=jnp.where(valid, data.count, 0))
+
+
+def _contribution(
+    algorithm: FederatedAlgorithm,
+    broadcast: Any,
+    arrays: ClientArrays,
+    cid: jax.Array,
+    valid: jax.Array,
+    client_stream: jax.Array,
+    round_idx: jax.Array,
+) -> Aggregate:
+    """Run one client's update and return its weighted contribution to the aggregate."""
+    out = algorithm.client_update(
+        broadcast, _select_client(arrays, cid, valid), client_key(client_stream, round_idx, cid)
+    )
+    return Aggregate(tree_scale(out.update, out.weight), out.weight, out.metrics)
+
+
+def _finish(algorithm: FederatedAlgorithm, state: ServerState, agg: Aggregate):
+    """Weighted mean of the summed updates, then the algorithm's server update."""
+    mean_update = tree_scale(agg.weighted_update, 1.0 / jnp.maximum(agg.weight, 1e-12))
+    return algorithm.server_update(state, mean_update), agg.metrics
+
+
+class Simulator:
+    """Runs federated rounds of ``algorithm`` over ``train`` client arrays.
+
+    ``train`` holds ``K`` clients (``[K, N, ...]``); each round samples ``clients_per_round`` of
+    them (static shape) and runs them with the chosen strategy.
+    """
+
+    def __init__(
+        self,
+        algorithm: FederatedAlgorithm,
+        train: ClientArrays,
+        *,
+        seed: int = 0,
+        strategy: str = "auto",
+        chunk_size: int = 64,
+        clients_per_round: int | float | None = None,
+    ):
+        chex.assert_equal_shape_prefix(tuple(train), 1)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        self.algorithm = algorithm
+        self.train = ClientArrays(*(jnp.asarray(a) for a in train))
+        self.num_clients = train.num_clients
+        self.per_round = num_sampled_clients(clients_per_round, self.num_clients)
+        self.strategy = resolve_strategy(strategy)
+        self.chunk_size = min(chunk_size, self.per_round)
+        root = jax.random.key(seed)
+        self.sample_stream = jax.random.fold_in(root, SAMPLE_STREAM)
+        self.client_stream = jax.random.fold_in(root, CLIENT_STREAM)
+        self._round_vmap = jax.jit(self._round_vmap_impl)
+        self._round_chunked = jax.jit(self._round_chunked_impl)
+        self._loop_step = jax.jit(self._loop_step_impl, donate_argnums=0)
+        self._loop_finish = jax.jit(functools.partial(_finish, algorithm))
+
+    def sample_clients(self, round_idx: int) -> np.ndarray:
+        """Sorted ids of the clients taking part in ``round_idx``."""
+        if self.per_round == self.num_clients:
+            return np.arange(self.num_clients, dtype=np.int32)
+        key = jax.random.fold_in(self.sample_stream, round_idx)
+        ids = jax.random.choice(key, self.num_clients, (self.per_round,), replace=False)
+        return np.sort(np.asarray(ids, dtype=np.int32))
+
+    def run_round(self, state: ServerState, round_idx: int) -> tuple[ServerState, dict[str, float]]:
+        """One federated round; returns the new server state and host-side round metrics."""
+        ids = self.sample_clients(round_idx)
+        r = jnp.asarray(round_idx, jnp.int32)
+        if self.strategy == "vmap":
+            state, sums = self._round_vmap(state, self.train, jnp.asarray(ids), r)
+        elif self.strategy == "chunked":
+            n_chunks = -(-len(ids) // self.chunk_size)
+            padded = np.zeros(n_chunks * self.chunk_size, np.int32)
+            padded[: len(ids)] = ids
+            valid = np.arange(len(padded)) < len(ids)
+            state, sums = self._round_chunked(
+                state,
+                self.train,
+                jnp.asarray(padded.reshape(n_chunks, -1)),
+                jnp.asarray(valid.reshape(n_chunks, -1)),
+                r,
+            )
+        else:
+            broadcast = self.algorithm.broadcast(state)
+            agg = self._zero_aggregate(broadcast)
+            for cid in ids:
+                agg = self._loop_step(agg, broadcast, self.train, jnp.int32(cid), r)
+            state, sums = self._loop_finish(state, agg)
+        return state, self._round_metrics(sums, len(ids))
+
+    def _zero_aggregate(self, broadcast: Any) -> Aggregate:
+        """Zeros shaped like one client's contribution (and so like any sum of them)."""
+        shapes = jax.eval_shape(
+            functools.partial(_contribution, self.algorithm),
+            broadcast,
+            self.train,
+            jnp.int32(0),
+            jnp.bool_(True),
+            self.client_stream,
+            jnp.int32(0),
+        )
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def _round_vmap_impl(self, state, arrays, ids, round_idx):
+        broadcast = self.algorithm.broadcast(state)
+        contrib = jax.vmap(
+            functools.partial(_contribution, self.algorithm),
+            in_axes=(None, None, 0, None, None, None),
+        )(broadcast, arrays, ids, jnp.bool_(True), self.client_stream, round_idx)
+        return _finish(self.algorithm, state, tree_sum_axis0(contrib))
+
+    def _round_chunked_impl(self, state, arrays, ids_chunks, valid_chunks, round_idx):
+        broadcast = self.algorithm.broadcast(state)
+        run_chunk = jax.vmap(
+            functools.partial(_contribution, self.algorithm),
+            in_axes=(None, None, 0, 0, None, None),
+        )
+
+        def body(acc, chunk):
+            ids, valid = chunk
+            contrib = run_chunk(broadcast, arrays, ids, valid, self.client_stream, round_idx)
+            return tree_add(acc, tree_sum_axis0(contrib)), None
+
+        init = self._zero_aggregate(broadcast)
+        agg, _ = jax.lax.scan(body, init, (ids_chunks, valid_chunks))
+        return _finish(self.algorithm, state, agg)
+
+    def _loop_step_impl(self, agg, broadcast, arrays, cid, round_idx):
+        contrib = _contribution(
+            self.algorithm, broadcast, arrays, cid, jnp.bool_(True), self.client_stream, round_idx
+        )
+        return tree_add(agg, contrib)
+
+    @staticmethod
+    def _round_metrics(sums: dict[str, jax.Array], num_clients: int) -> dict[str, float]:
+        sums = {k: float(v) for k, v in sums.items()}
+        seen = max(sums.get("num_seen", 0.0), 1.0)
+        metrics = {"clients": num_clients}
+        if "loss_sum" in sums:
+            metrics["train_loss"] = sums["loss_sum"] / seen
+        if "correct" in sums:
+            metrics["train_accuracy"] = sums["correct"] / seen
+        if "num_steps" in sums:
+            metrics["local_steps_mean"] = sums["num_steps"] / num_clients
+        return metrics
