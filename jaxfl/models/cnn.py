@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxfl.models.conv import conv_general_dilated
+
 
 class SmallCNN(nn.Module):
     """[conv3 → ReLU → maxpool2] per ``features`` → dense ``hidden`` → ReLU → dense classes.
@@ -29,7 +31,12 @@ class SmallCNN(nn.Module):
             raise ValueError(f"SmallCNN expects [N, H, W, C] or [N, D, H, W, C], got {x.shape}")
         window = (2,) * nd
         for f in self.features:
-            x = nn.Conv(f, kernel_size=(3,) * nd, padding="SAME")(x)
+            x = nn.Conv(
+                f,
+                kernel_size=(3,) * nd,
+                padding="SAME",
+                conv_general_dilated=conv_general_dilated,
+            )(x)
             x = nn.relu(x)
             x = nn.max_pool(x, window_shape=window, strides=window)
         x = jnp.reshape(x, (x.shape[0], -1))

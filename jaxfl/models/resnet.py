@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxfl.models.conv import conv_general_dilated
+
 # PyTorch's GroupNorm default; flax's default (1e-6) would make outputs drift from the seed.
 _GN_EPS = 1e-5
 _GN_GROUPS = 32
@@ -23,6 +25,7 @@ def _conv(features: int, nd: int, stride: int = 1, name: str | None = None) -> n
         strides=(stride,) * nd,
         padding=((1, 1),) * nd,
         use_bias=False,
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 

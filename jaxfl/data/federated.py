@@ -1,0 +1,118 @@
+"""Turn a Dataset plus client index lists into padded, stacked per-client arrays."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxfl.types import ClientArrays, Dataset, FederatedData
+
+# Guards floor(f * n) against float error, e.g. 0.3 * 10 = 2.9999999999999996.
+_EPS = 1e-9
+
+
+def _check_indices(client_indices: Sequence[Any], n: int) -> list[np.ndarray]:
+    """Each client's indices as a 1-D int64 array inside ``[0, n)``."""
+    out = []
+    for c, idx in enumerate(client_indices):
+        arr = np.asarray(idx)
+        if arr.size == 0:
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(
+                f"client_indices[{c}] must be a 1-D integer array, got shape {arr.shape} "
+                f"dtype {arr.dtype}"
+            )
+        if arr.min() < 0 or arr.max() >= n:
+            raise ValueError(
+                f"client_indices[{c}] has indices outside [0, {n}) (min {arr.min()}, max "
+                f"{arr.max()}); were they computed on another split?"
+            )
+        out.append(arr.astype(np.int64))
+    if not out:
+        raise ValueError("client_indices is empty; pass one index array per client")
+    return out
+
+
+def stack_clients(
+    images: np.ndarray,
+    labels: np.ndarray,
+    client_indices: Sequence[Any],
+    pad_multiple: int = 1,
+) -> ClientArrays:
+    """Gather each client's examples into ``images [K, L, ...]``, ``labels/mask [K, L]``.
+
+    ``L`` is the largest client size rounded up to ``pad_multiple`` (at least one slot, so
+    all-empty splits keep a valid shape); padding is zeros with mask 0 after the real examples.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"images has {images.shape[0]} examples but labels has {labels.shape[0]}; "
+            "pass arrays from the same split"
+        )
+    if isinstance(pad_multiple, bool) or not isinstance(pad_multiple, (int, np.integer)):
+        raise ValueError(f"pad_multiple must be an int >= 1, got {pad_multiple!r}")
+    if pad_multiple < 1:
+        raise ValueError(
+            f"pad_multiple must be an int >= 1 (e.g. the batch size), got {pad_multiple}"
+        )
+    idx = _check_indices(client_indices, images.shape[0])
+    counts = np.array([i.size for i in idx], dtype=np.int32)
+    length = max(1, int(counts.max()))
+    length = -(-length // int(pad_multiple)) * int(pad_multiple)
+
+    k = len(idx)
+    out_images = np.zeros((k, length, *images.shape[1:]), dtype=images.dtype)
+    out_labels = np.zeros((k, length), dtype=np.int32)
+    mask = np.zeros((k, length), dtype=np.float32)
+    for c, ix in enumerate(idx):
+        out_images[c, : ix.size] = images[ix]
+        out_labels[c, : ix.size] = labels[ix]
+        mask[c, : ix.size] = 1.0
+    return ClientArrays(images=out_images, labels=out_labels, mask=mask, counts=counts)
+
+
+def split_heldout(
+    indices: Any, heldout_fraction: float = 0.2, seed: int = 0, client_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle one client's indices with ``(seed, client_id)``; split into (train, held-out).
+
+    Train is the first ``ceil((1 - f) * n)`` (at least 1 when n >= 1); held-out is the rest.
+    """
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1) (e.g. 0.2), got {heldout_fraction!r}")
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    n = idx.size
+    # Seeding with (seed, client_id) makes each client's shuffle independent of the others.
+    perm = np.random.default_rng([int(seed), int(client_id)]).permutation(idx)
+    # n - floor(f * n) == ceil((1 - f) * n) exactly, without the float error of (1 - f) * n.
+    n_train = n - math.floor(heldout_fraction * n + _EPS)
+    n_train = max(n_train, 1) if n else 0
+    return perm[:n_train], perm[n_train:]
+
+
+def build_federated(
+    dataset: Dataset,
+    client_indices: Sequence[Any],
+    heldout_fraction: float = 0.2,
+    seed: int = 0,
+    pad_multiple: int = 1,
+) -> FederatedData:
+    """Per-client train/held-out ClientArrays from ``dataset.train``; test = ``dataset.test``."""
+    idx = _check_indices(client_indices, dataset.train.labels.shape[0])
+    pairs = [split_heldout(ix, heldout_fraction, seed, c) for c, ix in enumerate(idx)]
+    train_idx = [p[0] for p in pairs]
+    heldout_idx = [p[1] for p in pairs]
+    images, labels = dataset.train.images, dataset.train.labels
+    return FederatedData(
+        train=stack_clients(images, labels, train_idx, pad_multiple),
+        heldout=stack_clients(images, labels, heldout_idx, pad_multiple),
+        test=dataset.test,
+        num_classes=dataset.num_classes,
+        name=dataset.name,
+    )
