@@ -174,3 +174,14 @@ def test_fedprox_rejects_negative_mu(tiny_model):
             epochs=1,
             mu=-1.0,
         )
+
+
+def test_each_strategy_compiles_once_across_rounds_and_clients(tiny_model, tiny_params):
+    algorithm = _algorithms(tiny_model)["fedavg"]
+    arrays = make_client_arrays(COUNTS * 2, n_slots=13)
+    for strategy, fn in [("loop", "_loop_step"), ("chunked", "_round_chunked")]:
+        sim = Simulator(algorithm, arrays, strategy=strategy, chunk_size=3, clients_per_round=4)
+        state = algorithm.init(tiny_params)
+        for r in range(3):
+            state, _ = sim.run_round(state, r)
+        assert getattr(sim, fn)._cache_size() == 1
