@@ -32,9 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.server = ml_collections.ConfigDict(dict(optimizer="sgd", learning_rate=1.0))
     config.rounds = 10
-    config.clients_per_round = 0  # 0 = all; an int = a count; a float in (0, 1] = a fraction
+    config.clients_per_round = 0  # clients sampled each round; 0 = all
+    config.client_fraction = 0.0  # or a fraction of clients in (0, 1]; 0 = use clients_per_round
     config.strategy = "auto"  # auto | vmap | chunked | loop
     config.chunk_size = 64
     config.eval_every = 1
     config.eval_batch_size = 256
+    config.checkpoint_every = 5  # rounds; the last round is always saved
     return config

@@ -61,6 +61,11 @@ def build_federated_data(config: ml_collections.ConfigDict, dataset: Dataset) ->
     return build_federated(dataset, indices, heldout_fraction=p.heldout_fraction, seed=config.seed)
 
 
+def clients_per_round(config: ml_collections.ConfigDict) -> int | float:
+    """The simulator's sampling spec: ``client_fraction`` if set, else the count (0 = all)."""
+    return config.client_fraction if config.client_fraction else config.clients_per_round
+
+
 def build_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """An optax optimizer from ``{optimizer, learning_rate, momentum?, weight_decay?}``."""
     if opt.optimizer == "sgd":

@@ -55,8 +55,8 @@ def num_sampled_clients(spec: int | float | None, num_clients: int) -> int:
     if isinstance(spec, float):
         if not 0 < spec <= 1:
             raise ValueError(
-                f"clients_per_round={spec}: a float is a fraction of clients and must be in "
-                "(0, 1]; use an int for a count."
+                f"client_fraction={spec} must be in (0, 1] (a fraction of the clients); "
+                "use clients_per_round for a count."
             )
         return max(1, int(round(spec * num_clients)))
     if not 1 <= int(spec) <= num_clients:

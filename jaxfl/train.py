@@ -16,8 +16,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxfl import factories
+from jaxfl.checkpoint import Checkpointer, check_same_config
 from jaxfl.evaluate import evaluate_clients, evaluate_global, make_predict_fn
 from jaxfl.simulate import INIT_STREAM, Simulator
+from jaxfl.validate import validate_config, validate_dataset
 
 
 def _use_progress_bar() -> bool:
@@ -35,17 +37,37 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Run ``config.rounds`` federated rounds, evaluating and logging to ``workdir``.
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All rounds logged in a ``metrics.jsonl`` (empty if the file does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    Writes ``config.json`` and one JSON line per round to ``metrics.jsonl``; returns the last
-    round's metrics.
+
+def _truncate_metrics(path: Path, rounds_done: int) -> list[dict[str, Any]]:
+    """Keep only the rounds covered by the checkpoint we resume from (later ones are redone)."""
+    kept = [m for m in read_metrics(path) if m["round"] <= rounds_done]
+    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    return kept
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Run ``config.rounds`` federated rounds, evaluating, logging and checkpointing to ``workdir``.
+
+    Writes ``config.json``, one JSON line per round to ``metrics.jsonl`` and orbax checkpoints
+    every ``config.checkpoint_every`` rounds. Re-running on the same workdir resumes from the
+    last checkpoint (refusing if the config differs). Returns the last round's metrics.
     """
+    validate_config(config)
     workdir = Path(workdir)
+    metrics_path = workdir / "metrics.jsonl"
+    if metrics_path.exists():
+        check_same_config(workdir, config)
+    dataset = factories.build_dataset(config)
+    validate_dataset(config, dataset)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-    dataset = factories.build_dataset(config)
     fed = factories.build_federated_data(config, dataset)
     model = factories.build_model(config, fed.num_classes)
     algorithm = factories.build_algorithm(config, model)
@@ -57,51 +79,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         seed=config.seed,
         strategy=config.strategy,
         chunk_size=config.chunk_size,
-        clients_per_round=config.clients_per_round,
+        clients_per_round=factories.clients_per_round(config),
     )
+    predict_fn = make_predict_fn(model.apply)
+    state = algorithm.init(params)
+
+    checkpointer = Checkpointer(workdir, config.checkpoint_every)
+    start_round = min(checkpointer.latest_round(), config.rounds)
+    history = _truncate_metrics(metrics_path, start_round)
+    if start_round > 0:
+        state = checkpointer.restore(state)
+        logging.info("Resuming %s from the checkpoint after round %d", workdir, start_round)
     logging.info(
-        "%s on %s: %d clients (%d per round), strategy %s, %d rounds",
+        "%s on %s: %d clients (%d per round), strategy %s, rounds %d..%d",
         algorithm.name,
         fed.name,
         sim.num_clients,
         sim.per_round,
         sim.strategy,
+        start_round + 1,
         config.rounds,
     )
-    predict_fn = make_predict_fn(model.apply)
-    state = algorithm.init(params)
 
-    metrics_path = workdir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    elapsed_before = history[-1]["wall_time_s"] if history else 0.0
     start = time.perf_counter()
-    bar = tqdm(range(config.rounds), desc="rounds", disable=not _use_progress_bar())
-    metrics: dict[str, Any] = {}
-    for r in bar:
-        round_start = time.perf_counter()
-        state, metrics = sim.run_round(state, r)
-        metrics = {"round": r + 1, **metrics}
-        if (r + 1) % config.eval_every == 0 or r + 1 == config.rounds:
-            metrics.update(
-                evaluate_global(predict_fn, state.params, fed.test, config.eval_batch_size)
-            )
-            per_client = evaluate_clients(
-                predict_fn, state.params, fed.heldout, config.eval_batch_size
-            )
-            metrics["heldout_accuracy_mean"] = float(np.nanmean(per_client))
-            metrics["heldout_accuracy"] = per_client
-        metrics["round_time_s"] = time.perf_counter() - round_start
-        metrics["wall_time_s"] = time.perf_counter() - start
-        with metrics_path.open("a") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
-        summary = {k: metrics[k] for k in ("train_loss", "test_accuracy") if k in metrics}
-        if bar.disable:
-            logging.info(
-                "round %d/%d %s (%.1fs)",
-                r + 1,
-                config.rounds,
-                " ".join(f"{k}={v:.4f}" for k, v in summary.items()),
-                metrics["round_time_s"],
-            )
-        else:
-            bar.set_postfix({k: f"{v:.4f}" for k, v in summary.items()})
+    metrics: dict[str, Any] = history[-1] if history else {}
+    bar = tqdm(
+        range(start_round, config.rounds),
+        desc="rounds",
+        initial=start_round,
+        total=config.rounds,
+        disable=not _use_progress_bar(),
+    )
+    try:
+        for r in bar:
+            round_start = time.perf_counter()
+            state, metrics = sim.run_round(state, r)
+            metrics = {"round": r + 1, **metrics}
+            if (r + 1) % config.eval_every == 0 or r + 1 == config.rounds:
+                metrics.update(
+                    evaluate_global(predict_fn, state.params, fed.test, config.eval_batch_size)
+                )
+                per_client = evaluate_clients(
+                    predict_fn, state.params, fed.heldout, config.eval_batch_size
+                )
+                metrics["heldout_accuracy_mean"] = float(np.nanmean(per_client))
+                metrics["heldout_accuracy"] = per_client
+            metrics["round_time_s"] = time.perf_counter() - round_start
+            metrics["wall_time_s"] = elapsed_before + time.perf_counter() - start
+            metrics = {k: _jsonable(v) for k, v in metrics.items()}
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            checkpointer.maybe_save(r + 1, state, force=r + 1 == config.rounds)
+            _report(bar, metrics, config.rounds)
+    finally:
+        checkpointer.close()
     return metrics
+
+
+def _report(bar, metrics: dict[str, Any], rounds: int) -> None:
+    """Show a round's loss/accuracy on the progress bar, or as a log line without one."""
+    summary = {k: metrics[k] for k in ("train_loss", "test_accuracy") if metrics.get(k) is not None}
+    if bar.disable:
+        logging.info(
+            "round %d/%d %s (%.1fs)",
+            metrics["round"],
+            rounds,
+            " ".join(f"{k}={v:.4f}" for k, v in summary.items()),
+            metrics["round_time_s"],
+        )
+    else:
+        bar.set_postfix({k: f"{v:.4f}" for k, v in summary.items()})

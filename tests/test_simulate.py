@@ -150,7 +150,7 @@ def test_num_sampled_clients_and_errors():
     assert num_sampled_clients(3, 10) == 3
     assert num_sampled_clients(0.25, 10) == 2
     assert num_sampled_clients(1.0, 10) == 10
-    with pytest.raises(ValueError, match="fraction"):
+    with pytest.raises(ValueError, match="client_fraction"):
         num_sampled_clients(1.5, 10)
     with pytest.raises(ValueError, match="there are 10 clients"):
         num_sampled_clients(11, 10)

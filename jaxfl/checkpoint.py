@@ -1,0 +1,89 @@
+"""Checkpoint and resume with orbax: server state + round, plus a config guard for the workdir.
+
+Randomness needs no saved state: every key is ``fold_in`` of the seed's streams with the round
+(and client id), so restoring the server state and the round number reproduces the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from jaxfl.algorithms.base import ServerState
+
+# Fields that may change between a run and its resumption without changing its results.
+RESUMABLE_FIELDS = frozenset({"rounds", "checkpoint_every"})
+
+
+class ConfigMismatchError(RuntimeError):
+    """The workdir holds a run made with a different config."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON data (tuples become lists), as stored in ``config.json``."""
+    return json.loads(config.to_json_best_effort())
+
+
+def check_same_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Raise :class:`ConfigMismatchError` if ``workdir/config.json`` differs from ``config``."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return
+    old = _flatten(json.loads(path.read_text()))
+    new = _flatten(config_to_dict(config))
+    diffs = [
+        f"  {k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+        for k in sorted(old.keys() | new.keys())
+        if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)
+    ]
+    if diffs:
+        raise ConfigMismatchError(
+            f"{workdir} holds a run made with a different config, so it cannot be resumed:\n"
+            + "\n".join(diffs)
+            + f"\nUse a new --workdir, or delete {workdir} to start over."
+        )
+
+
+class Checkpointer:
+    """Saves the server state every ``every`` rounds under ``workdir/checkpoints``."""
+
+    def __init__(self, workdir: Path, every: int, max_to_keep: int = 2):
+        self.every = every
+        self.manager = ocp.CheckpointManager(
+            (workdir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def latest_round(self) -> int:
+        """Number of rounds completed by the newest checkpoint (0 if none)."""
+        return self.manager.latest_step() or 0
+
+    def restore(self, like: ServerState) -> ServerState:
+        """The newest checkpoint, restored into the structure of ``like``."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        return self.manager.restore(self.latest_round(), args=ocp.args.StandardRestore(abstract))
+
+    def maybe_save(self, rounds_done: int, state: ServerState, force: bool = False) -> None:
+        """Save after ``rounds_done`` rounds if it is a checkpoint round (or ``force``)."""
+        due = force or (self.every > 0 and rounds_done % self.every == 0)
+        if due and self.manager.latest_step() != rounds_done:
+            self.manager.save(rounds_done, args=ocp.args.StandardSave(state))
+
+    def close(self) -> None:
+        """Wait for pending asynchronous saves."""
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,108 @@
+"""Config validation before any data is loaded or anything is traced.
+
+Every problem is reported at once, each naming the config field, what is wrong and a fix, so a
+bad command line fails in a second instead of deep inside XLA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_collections
+
+from jaxfl.data import MissingDataError, medmnist_path
+from jaxfl.data.medmnist import missing_data_message
+from jaxfl.factories import (
+    ALGORITHMS,
+    DATA_SOURCES,
+    OPTIMIZERS,
+    PARTITION_ARGS,
+    clients_per_round,
+)
+from jaxfl.models import MODELS
+from jaxfl.simulate import STRATEGIES, num_sampled_clients
+from jaxfl.types import Dataset
+
+# Two 2x2 poolings (SmallCNN) / two stride-2 convolutions (DPResNet) need at least 4 voxels.
+MIN_SPATIAL = 4
+
+
+class ConfigError(ValueError):
+    """One or more config fields are invalid; the message lists each with a fix."""
+
+
+def _choice(errors: list[str], field: str, value, valid) -> None:
+    if value not in valid:
+        errors.append(f"config.{field}={value!r} is not known; choose one of {tuple(valid)}.")
+
+
+def _positive(errors: list[str], field: str, value, kind: Callable = int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        errors.append(f"config.{field}={value!r} must be a positive {kind.__name__}.")
+    elif kind is int and int(value) != value:
+        errors.append(f"config.{field}={value!r} must be a whole number.")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Check names, ranges and the data file of ``config``; raise :class:`ConfigError`."""
+    errors: list[str] = []
+    _choice(errors, "algorithm.name", config.algorithm.name, ALGORITHMS)
+    _choice(errors, "model.name", config.model.name, MODELS)
+    _choice(errors, "partition.name", config.partition.name, PARTITION_ARGS)
+    _choice(errors, "data.source", config.data.source, DATA_SOURCES)
+    _choice(errors, "strategy", config.strategy, ("auto", *STRATEGIES))
+    for part in ("local", "server"):
+        _choice(errors, f"{part}.optimizer", config[part].optimizer, OPTIMIZERS)
+        _positive(errors, f"{part}.learning_rate", config[part].learning_rate, float)
+    for field in ("num_clients", "rounds", "eval_every", "chunk_size", "eval_batch_size"):
+        _positive(errors, field, config[field])
+    _positive(errors, "local.batch_size", config.local.batch_size)
+    _positive(errors, "local.epochs", config.local.epochs)
+    if config.checkpoint_every < 0:
+        errors.append(
+            f"config.checkpoint_every={config.checkpoint_every} must be >= 0 "
+            "(0 saves only after the last round)."
+        )
+    if not 0 <= config.partition.heldout_fraction < 1:
+        errors.append(
+            f"config.partition.heldout_fraction={config.partition.heldout_fraction} must be "
+            "in [0, 1): it is the share of each client's examples kept for held-out evaluation."
+        )
+    if config.algorithm.name == "fedprox" and not config.algorithm.mu >= 0:
+        errors.append(f"config.algorithm.mu={config.algorithm.mu} must be >= 0 for FedProx.")
+    if config.client_fraction and config.clients_per_round:
+        errors.append(
+            f"config.clients_per_round={config.clients_per_round} and "
+            f"config.client_fraction={config.client_fraction} are both set; set one of them to 0."
+        )
+    elif isinstance(config.num_clients, int) and config.num_clients > 0:
+        try:
+            num_sampled_clients(clients_per_round(config), config.num_clients)
+        except ValueError as e:
+            errors.append(f"config.{e}")
+    if config.data.source == "medmnist":
+        path = medmnist_path(config.data.name, config.data.data_dir or None, config.data.size)
+        if not path.exists():
+            raise MissingDataError(missing_data_message(path, config.data.name, config.data.size))
+    if errors:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def validate_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
+    """Check that the loaded data fits the config: enough examples, image size for the model."""
+    errors: list[str] = []
+    n_train = len(dataset.train.labels)
+    if config.num_clients > n_train:
+        errors.append(
+            f"config.num_clients={config.num_clients} but {dataset.name} has only {n_train} "
+            "training examples; every client needs at least one. Use fewer clients."
+        )
+    spatial = dataset.train.images.shape[1:-1]
+    if min(spatial) < MIN_SPATIAL:
+        errors.append(
+            f"config.model.name={config.model.name!r} needs images of at least {MIN_SPATIAL} "
+            f"pixels per side, but {dataset.name} images are {spatial}; use larger images "
+            "(e.g. config.data.size) or another model."
+        )
+    if errors:
+        raise ConfigError("Invalid config for this data:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,86 @@
+"""Config validation: each bad field gives one clear error naming it, before any tracing."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs import debug
+from jaxfl.data import MissingDataError, synthetic_dataset
+from jaxfl.validate import ConfigError, validate_config, validate_dataset
+
+
+def _config(**overrides):
+    config = debug.get_config()
+    for path, value in overrides.items():
+        node = config
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def test_debug_config_is_valid():
+    validate_config(debug.get_config())
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("algorithm.name", "fedsgd", "config.algorithm.name='fedsgd' is not known"),
+        ("model.name", "vgg", "config.model.name='vgg' is not known"),
+        ("partition.name", "by_site", "config.partition.name='by_site' is not known"),
+        ("data.source", "kaggle", "config.data.source='kaggle' is not known"),
+        ("strategy", "pmap", "config.strategy='pmap' is not known"),
+        ("local.optimizer", "lion", "config.local.optimizer='lion' is not known"),
+        ("server.learning_rate", 0.0, "config.server.learning_rate=0.0 must be a positive"),
+        ("local.epochs", 0, "config.local.epochs=0 must be a positive int"),
+        ("num_clients", -2, "config.num_clients=-2 must be a positive int"),
+        ("rounds", 0, "config.rounds=0 must be a positive int"),
+        ("partition.heldout_fraction", 1.0, "config.partition.heldout_fraction=1.0 must be"),
+        ("client_fraction", 1.5, "config.client_fraction=1.5 must be in (0, 1]"),
+        ("clients_per_round", 9, "config.clients_per_round=9 but there are 8 clients"),
+        ("checkpoint_every", -1, "config.checkpoint_every=-1 must be >= 0"),
+    ],
+)
+def test_each_bad_field_is_named(field, value, message):
+    with pytest.raises(ConfigError) as e:
+        validate_config(_config(**{field: value}))
+    assert message in str(e.value)
+
+
+def test_fedprox_negative_mu():
+    with pytest.raises(ConfigError, match="config.algorithm.mu=-1.0 must be >= 0"):
+        validate_config(_config(**{"algorithm.name": "fedprox", "algorithm.mu": -1.0}))
+
+
+def test_all_errors_reported_together():
+    with pytest.raises(ConfigError) as e:
+        validate_config(_config(**{"model.name": "vgg", "rounds": 0}))
+    assert "model.name" in str(e.value) and "config.rounds" in str(e.value)
+
+
+def test_count_and_fraction_both_set():
+    with pytest.raises(ConfigError, match="both set"):
+        validate_config(_config(clients_per_round=2, client_fraction=0.5))
+
+
+def test_missing_data_file_names_path_and_download(tmp_path):
+    config = _config(**{"data.source": "medmnist", "data.name": "bloodmnist"})
+    config.data.data_dir = str(tmp_path)
+    with pytest.raises(MissingDataError) as e:
+        validate_config(config)
+    assert str(tmp_path / "bloodmnist.npz") in str(e.value)
+    assert "zenodo.org/records/10519652" in str(e.value)
+
+
+def test_more_clients_than_examples():
+    data = synthetic_dataset(num_classes=2, image_shape=(8, 8, 1), n_train=6, n_val=2, n_test=2)
+    with pytest.raises(ConfigError, match="num_clients=8 but .* only 6 training examples"):
+        validate_dataset(debug.get_config(), data)
+
+
+def test_images_too_small_for_the_model():
+    data = synthetic_dataset(num_classes=2, image_shape=(3, 3, 1), n_train=20, n_val=2, n_test=2)
+    with pytest.raises(ConfigError, match="at least 4 pixels per side"):
+        validate_dataset(debug.get_config(), data)
