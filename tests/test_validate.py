@@ -84,3 +84,22 @@ def test_images_too_small_for_the_model():
     data = synthetic_dataset(num_classes=2, image_shape=(3, 3, 1), n_train=20, n_val=2, n_test=2)
     with pytest.raises(ConfigError, match="at least 4 pixels per side"):
         validate_dataset(debug.get_config(), data)
+
+
+def test_bloodmnist_config_reads_an_official_format_file(tmp_path):
+    from configs import bloodmnist_fedavg
+    from jaxfl import factories
+    from jaxfl.data import make_synthetic_arrays, write_npz
+
+    config = bloodmnist_fedavg.get_config()
+    config.data.data_dir = str(tmp_path)
+    with pytest.raises(MissingDataError, match="bloodmnist.npz"):
+        validate_config(config)
+    arrays = make_synthetic_arrays(8, (28, 28, 3), n_train=300, n_val=20, n_test=20)
+    write_npz(tmp_path / "bloodmnist.npz", arrays)
+    validate_config(config)
+    dataset = factories.build_dataset(config)
+    validate_dataset(config, dataset)
+    fed = factories.build_federated_data(config, dataset)
+    assert fed.train.num_clients == 10 and fed.num_classes == 8
+    assert factories.build_model(config, fed.num_classes).__class__.__name__ == "DPResNet"
