@@ -4,7 +4,6 @@ Any config field can be overridden on the command line, e.g. ``--config.num_clie
 Re-running the same command resumes from the workdir's last checkpoint.
 """
 
-import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -12,6 +11,7 @@ from ml_collections import config_flags
 
 from jaxfl.checkpoint import ConfigMismatchError
 from jaxfl.data import MissingDataError
+from jaxfl.logs import setup_launcher_logging
 from jaxfl.train import train_and_evaluate
 from jaxfl.validate import ConfigError
 
@@ -20,18 +20,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, config a
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _DropLibraryInfo(py_logging.Filter):
-    """Keep INFO lines from jaxfl only; orbax logs every save at INFO."""
-
-    def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or "/jaxfl/" in record.pathname
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_DropLibraryInfo())
+    setup_launcher_logging()
     try:
         metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, ConfigMismatchError, MissingDataError) as e:

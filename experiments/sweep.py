@@ -1,0 +1,47 @@
+"""Run a grid of experiments and summarize them.
+
+    python -m experiments.sweep --config=configs/debug.py --workdir=DIR \
+        --sweep='num_clients=5,10,20' --sweep='algorithm=fedavg,fedprox' --config.rounds=3
+
+Each ``--sweep=KEY=V1,V2`` adds a grid axis (KEY is a dotted config field; ``algorithm``,
+``model`` or ``partition`` set their ``.name``). ``--config.x=y`` overrides apply to every run.
+Each run goes to ``DIR/<key=value__...>``; re-running the command skips finished runs and
+resumes partial ones. ``DIR/summary.csv`` and ``DIR/summary.md`` summarize the grid.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxfl.logs import setup_launcher_logging
+from jaxfl.sweep import run_sweep, to_markdown
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.")
+_SWEEP = flags.DEFINE_multi_string(
+    "sweep", [], "KEY=V1,V2,...: a config field and its values; repeat for a grid."
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the summary.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    setup_launcher_logging()
+    try:
+        rows = run_sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value)
+    except ValueError as e:
+        # A bad --sweep: a clear message, no traceback (errors inside runs are in the summary).
+        sys.exit(f"error: {e}")
+    print(to_markdown(rows), end="")
+    failed = [row["run"] for row in rows if row["status"] == "failed"]
+    if failed:
+        sys.exit(
+            f"{len(failed)} of {len(rows)} runs failed: {', '.join(failed)}. See the error "
+            f"column of {_WORKDIR.value}/summary.csv; re-run the command to retry them."
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
