@@ -29,7 +29,13 @@ a warm-up round (compilation) and ``--repeats`` timed rounds, each synchronised 
 ``fraction_of_limit`` by the ``single_batch_limit`` row (a limit counts ``K*E`` client-steps
 too). By default every row runs in its own subprocess, so ``peak_rss_mb`` is that row's peak
 resident memory, and a row that exceeds ``--row-timeout`` or ``--row-memory-mb`` is killed and
-recorded with an ``error`` instead of stopping the benchmark.
+recorded with an ``error`` instead of stopping the benchmark. On a shared, noisy machine use
+``--interleave`` (all rows of a ``K`` in one process, their timed rounds alternated) for A/B
+comparisons. Every row, baselines included, runs with :func:`jaxfl.runtime.tune_cpu_malloc`
+(the allocator setting the engine's ``loop`` strategy applies); ``--no-mallopt`` turns it off.
+
+On XLA:CPU, ``single_batch_limit`` is not a ceiling: one large batch falls out of cache and is
+slower per example than many batches of ``B``, so ``fraction_of_limit`` can exceed 1.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from jaxfl.runtime import NO_TUNING_ENV, tune_cpu_malloc
 
 ENGINE_STRATEGIES = ("vmap", "chunked", "loop", "auto")
 BASELINE, LIMIT = "loop_baseline", "single_batch_limit"
@@ -68,6 +76,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--row-timeout", type=float, default=300.0, help="seconds per row (isolated)")
     p.add_argument("--row-memory-mb", type=float, default=None, help="kill a row above this RSS")
     p.add_argument("--no-isolate", action="store_true", help="run rows in this process")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="run all rows of a K in this process, alternating their timed rounds",
+    )
+    p.add_argument(
+        "--no-mallopt",
+        dest="mallopt",
+        action="store_false",
+        help="skip jaxfl.runtime.tune_cpu_malloc in every row (by default all rows, baselines "
+        "included, get the allocator setting the engine's loop strategy applies)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: "K:strategy"
@@ -201,11 +221,8 @@ def limit_round_fn(args, num_clients: int) -> tuple[Callable[[int], Any], dict]:
     return run, {"resolved": LIMIT, "limit_batch": kb}
 
 
-def time_row(args, num_clients: int, strategy: str, budget_s: float) -> dict:
-    """Warm up (compile) then time up to ``--repeats`` rounds, staying within ``budget_s``."""
-    import jax
-
-    t_start = time.perf_counter()
+def build_row(args, num_clients: int, strategy: str) -> tuple[Callable[[int], float], dict]:
+    """Set up one row; returns ``timed(r) -> seconds for round r`` and extra row fields."""
     if strategy == BASELINE:
         run, extra = baseline_round_fn(args, num_clients)
     elif strategy == LIMIT:
@@ -219,15 +236,13 @@ def time_row(args, num_clients: int, strategy: str, budget_s: float) -> dict:
         # The baseline times itself (it excludes host-side key derivation).
         return out if isinstance(out, float) else time.perf_counter() - t0
 
-    first = timed(0)
-    times = []
-    for r in range(1, args.repeats + 1):
-        times.append(timed(r))
-        remaining = budget_s - (time.perf_counter() - t_start)
-        if remaining < times[-1] * 1.2:
-            break
+    return timed, extra
+
+
+def row_result(args, num_clients: int, strategy: str, times: list[float], first: float) -> dict:
+    import jax
+
     seconds = statistics.median(times)
-    dev = jax.devices()[0]
     return {
         "clients": num_clients,
         "strategy": strategy,
@@ -236,9 +251,52 @@ def time_row(args, num_clients: int, strategy: str, budget_s: float) -> dict:
         "first_round_s": first,
         "repeats_done": len(times),
         "backend": jax.default_backend(),
-        "device_kind": dev.device_kind,
+        "device_kind": jax.devices()[0].device_kind,
         "peak_rss_mb": peak_rss_mb(),
-        **extra,
+    }
+
+
+def time_row(args, num_clients: int, strategy: str, budget_s: float) -> dict:
+    """Warm up (compile) then time up to ``--repeats`` rounds, staying within ``budget_s``."""
+    t_start = time.perf_counter()
+    timed, extra = build_row(args, num_clients, strategy)
+    first = timed(0)
+    times = []
+    for r in range(1, args.repeats + 1):
+        times.append(timed(r))
+        remaining = budget_s - (time.perf_counter() - t_start)
+        if remaining < times[-1] * 1.2:
+            break
+    return {**row_result(args, num_clients, strategy, times, first), **extra}
+
+
+def time_rows_interleaved(args, num_clients: int, strategies: list[str]) -> list[dict]:
+    """All rows of one ``K`` in this process, their timed rounds alternated (fair under load).
+
+    ``peak_rss_mb`` is then the process's peak so far, not the row's own.
+    """
+    built, rows = {}, {}
+    for s in strategies:
+        try:
+            timed, extra = build_row(args, num_clients, s)
+            built[s] = (timed, extra, timed(0), [])
+        except Exception as e:  # noqa: BLE001 - record the failure, keep benchmarking
+            rows[s] = _error_row(num_clients, s, f"{type(e).__name__}: {e}")
+    for r in range(1, args.repeats + 1):
+        for timed, _, _, times in built.values():
+            times.append(timed(r))
+    for s, (_, extra, first, times) in built.items():
+        rows[s] = {**row_result(args, num_clients, s, times, first), **extra, "interleaved": True}
+    return [rows[s] for s in strategies]
+
+
+def _error_row(num_clients: int, strategy: str, error: str, rss: float | None = None) -> dict:
+    return {
+        "clients": num_clients,
+        "strategy": strategy,
+        "updates_per_s": None,
+        "error": error[:300],
+        "peak_rss_mb": rss,
     }
 
 
@@ -279,21 +337,14 @@ def run_row_isolated(argv: list[str], args, num_clients: int, strategy: str) -> 
             return json.loads(lines[-1])
         tail = stderr.strip().splitlines()[-1:] or [""]
         error = f"exit code {proc.returncode}: {tail[0][:300]}"
-    return {
-        "clients": num_clients,
-        "strategy": strategy,
-        "updates_per_s": None,
-        "error": error,
-        "peak_rss_mb": max_rss or None,
-    }
+    return _error_row(num_clients, strategy, error, max_rss or None)
 
 
 def run_row_inline(args, num_clients: int, strategy: str) -> dict:
     try:
         return time_row(args, num_clients, strategy, args.row_timeout)
     except Exception as e:  # noqa: BLE001 - record the failure, keep benchmarking
-        msg = f"{type(e).__name__}: {e}"[:300]
-        return {"clients": num_clients, "strategy": strategy, "updates_per_s": None, "error": msg}
+        return _error_row(num_clients, strategy, f"{type(e).__name__}: {e}")
 
 
 # --------------------------------------------------------------------------- report
@@ -345,6 +396,7 @@ def config_fields(args) -> dict:
         "model": "SmallCNN(features=(32, 64), hidden=128)",
         "repeats": args.repeats,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "mallopt": args.mallopt,
         "cpu_count": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "host": platform.node(),
@@ -354,13 +406,23 @@ def config_fields(args) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if not args.mallopt:
+        os.environ[NO_TUNING_ENV] = "1"  # also stops the Simulator from applying it
+    elif not tune_cpu_malloc():
+        print("glibc mallopt unavailable; running without it", file=sys.stderr)
     if args.row:  # internal: one isolated row, printed as one JSON line
         k, strategy = args.row.split(":")
         print(json.dumps(time_row(args, int(k), strategy, args.row_timeout)))
         return []
     rows = []
     for k in args.client_counts:
-        for strategy in [s for s in ROW_ORDER if s in args.rows]:
+        strategies = [s for s in ROW_ORDER if s in args.rows]
+        if args.interleave:
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            for row in time_rows_interleaved(args, k, strategies):
+                rows.append({**row, **config_fields(args), "load_avg_1m": load})
+            continue
+        for strategy in strategies:
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             if args.no_isolate:
                 row = run_row_inline(args, k, strategy)

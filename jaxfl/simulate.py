@@ -8,7 +8,8 @@ A round is a pure function of (server state, client data, round index). How the 
 - ``chunked``: ``lax.scan`` over chunks of ``chunk_size`` clients, vmapped within a chunk and
   accumulating the weighted sum, so memory is bounded by the chunk, still one jit per round;
 - ``loop``: a Python loop calling one jitted per-client step that adds the client's weighted
-  update into a running sum (fastest on a small CPU, where vmapped convolutions are slow);
+  update into a running sum (fastest on a small CPU, where vmapped convolutions become slow
+  grouped convolutions); it also applies :func:`jaxfl.runtime.tune_cpu_malloc`;
 - ``auto``: ``loop`` on CPU, ``chunked`` elsewhere (see README's performance section).
 
 All strategies compute the same weighted mean (up to float summation order) because every
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfl.algorithms.base import FederatedAlgorithm, ServerState
+from jaxfl.runtime import tune_cpu_malloc
 from jaxfl.tree import tree_add, tree_scale, tree_sum_axis0
 from jaxfl.types import ClientArrays, ClientData, Params
 
@@ -141,6 +143,9 @@ class Simulator:
         self._round_chunked = jax.jit(self._round_chunked_impl)
         self._loop_step = jax.jit(self._loop_step_impl, donate_argnums=0)
         self._loop_finish = jax.jit(functools.partial(_finish, algorithm))
+        self._aggregate_shapes = None
+        if self.strategy == "loop" and jax.default_backend() == "cpu":
+            tune_cpu_malloc()
 
     def sample_clients(self, round_idx: int) -> np.ndarray:
         """Sorted ids of the clients taking part in ``round_idx``."""
@@ -178,16 +183,17 @@ class Simulator:
 
     def _zero_aggregate(self, broadcast: Any) -> Aggregate:
         """Zeros shaped like one client's contribution (and so like any sum of them)."""
-        shapes = jax.eval_shape(
-            functools.partial(_contribution, self.algorithm),
-            broadcast,
-            self.train,
-            jnp.int32(0),
-            jnp.bool_(True),
-            self.client_stream,
-            jnp.int32(0),
-        )
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        if self._aggregate_shapes is None:  # eval_shape re-traces client_update: do it once
+            self._aggregate_shapes = jax.eval_shape(
+                functools.partial(_contribution, self.algorithm),
+                broadcast,
+                self.train,
+                jnp.int32(0),
+                jnp.bool_(True),
+                self.client_stream,
+                jnp.int32(0),
+            )
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._aggregate_shapes)
 
     def _round_vmap_impl(self, state, arrays, ids, round_idx):
         broadcast = self.algorithm.broadcast(state)
