@@ -14,6 +14,7 @@ import pytest
 
 from configs import debug
 from jaxfl.checkpoint import ConfigMismatchError
+from jaxfl.sweep import apply_overrides
 from jaxfl.train import read_metrics, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,14 +29,7 @@ SMALL = {
 
 
 def _config():
-    config = debug.get_config()
-    for path, value in SMALL.items():
-        node = config
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return apply_overrides(debug.get_config(), SMALL)
 
 
 def _command(workdir: Path) -> list[str]:

@@ -6,18 +6,12 @@ import pytest
 
 from configs import debug
 from jaxfl.data import MissingDataError, synthetic_dataset
+from jaxfl.sweep import apply_overrides
 from jaxfl.validate import ConfigError, validate_config, validate_dataset
 
 
 def _config(**overrides):
-    config = debug.get_config()
-    for path, value in overrides.items():
-        node = config
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return apply_overrides(debug.get_config(), overrides)
 
 
 def test_debug_config_is_valid():
