@@ -1,4 +1,4 @@
-"""Launcher logging: jaxfl's INFO lines, only warnings from libraries (orbax logs every save)."""
+"""Launcher logging: jaxfl's INFO lines without the INFO chatter of orbax and jax."""
 
 from __future__ import annotations
 
@@ -6,15 +6,19 @@ import logging as py_logging
 
 from absl import logging
 
+# Libraries whose INFO lines drown the round log (orbax logs every save in several lines).
+_NOISY = ("/orbax/", "/jax/_src/")
+
 
 class _DropLibraryInfo(py_logging.Filter):
-    """Keep INFO lines from jaxfl only."""
+    """Drop INFO lines from noisy libraries; keep everything else and all warnings."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or "/jaxfl/" in record.pathname
+        noisy = any(part in record.pathname for part in _NOISY)
+        return record.levelno >= py_logging.WARNING or not noisy
 
 
 def setup_launcher_logging() -> None:
-    """Log jaxfl progress at INFO through absl; drop other libraries' INFO chatter."""
+    """Log progress at INFO through absl, without orbax's and jax's INFO chatter."""
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_DropLibraryInfo())
