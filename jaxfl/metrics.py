@@ -1,6 +1,10 @@
-"""Host-side (numpy) evaluation metrics: accuracy and MedMNIST-style macro one-vs-rest AUC."""
+"""Host-side metrics: accuracy, MedMNIST-style macro one-vs-rest AUC, and metrics.jsonl files."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -61,3 +65,10 @@ def macro_auc_ovr(labels: ArrayLike, probs: ArrayLike) -> float:
     aucs = [binary_auc(y == c, p[:, c]) for c in range(p.shape[-1])]
     valid = [a for a in aucs if not np.isnan(a)]
     return float(np.mean(valid)) if valid else float("nan")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All rounds logged in a ``metrics.jsonl`` (empty if the file does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

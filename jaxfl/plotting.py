@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+
+from jaxfl.metrics import read_metrics
 
 
 def load_metrics(workdir: str | Path) -> list[dict[str, Any]]:
@@ -25,7 +26,7 @@ def load_metrics(workdir: str | Path) -> list[dict[str, Any]]:
             else " Pass the --workdir of an experiments.run (or a sweep's run directory)."
         )
         raise FileNotFoundError(f"{workdir} has no metrics.jsonl.{hint}")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(path)
     if not rows:
         raise ValueError(f"{path} is empty: the run has not finished a round yet.")
     return rows

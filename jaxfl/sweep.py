@@ -23,7 +23,8 @@ from typing import Any
 import ml_collections
 
 from jaxfl.checkpoint import check_same_config
-from jaxfl.train import read_metrics, train_and_evaluate
+from jaxfl.metrics import read_metrics
+from jaxfl.train import train_and_evaluate
 
 RECORD_FILE = "sweep_run.json"
 # Columns after the run name and the swept values, in this order.

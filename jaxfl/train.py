@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from jaxfl import factories
 from jaxfl.checkpoint import Checkpointer, check_same_config
 from jaxfl.evaluate import evaluate_clients, evaluate_global, make_predict_fn
+from jaxfl.metrics import read_metrics
 from jaxfl.simulate import INIT_STREAM, Simulator
 from jaxfl.validate import validate_config, validate_dataset
 
@@ -35,13 +36,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
     return value
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All rounds logged in a ``metrics.jsonl`` (empty if the file does not exist)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _truncate_metrics(path: Path, rounds_done: int) -> list[dict[str, Any]]:

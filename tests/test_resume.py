@@ -14,8 +14,9 @@ import pytest
 
 from configs import debug
 from jaxfl.checkpoint import ConfigMismatchError
+from jaxfl.metrics import read_metrics
 from jaxfl.sweep import apply_overrides
-from jaxfl.train import read_metrics, train_and_evaluate
+from jaxfl.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
