@@ -234,6 +234,8 @@ class Simulator:
             metrics["train_loss"] = sums["loss_sum"] / seen
         if "correct" in sums:
             metrics["train_accuracy"] = sums["correct"] / seen
+        if "dp_clipped" in sums:
+            metrics["dp_clipped_fraction"] = sums["dp_clipped"] / seen
         if "num_steps" in sums:
             metrics["local_steps_mean"] = sums["num_steps"] / num_clients
         return metrics

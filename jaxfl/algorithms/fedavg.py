@@ -13,6 +13,7 @@ from jaxfl.algorithms.base import (
     local_train,
     server_apply,
 )
+from jaxfl.privacy.dp_sgd import DPSGD, local_train_dp
 from jaxfl.tree import tree_sq_norm, tree_sub
 from jaxfl.types import ClientData, Params, PRNGKey
 
@@ -25,12 +26,14 @@ def fedprox(
     batch_size: int,
     epochs: int,
     mu: float,
+    dp: DPSGD | None = None,
 ) -> FederatedAlgorithm:
     """FedProx: local objective ``f(w) + mu/2 ||w - w_global||^2``; ``mu = 0`` is FedAvg.
 
     Each client's update is ``w_local - w_global`` weighted by its number of training examples;
     the server applies the weighted mean with ``server_optimizer`` (SGD lr 1 = FedAvg,
-    Adam = FedAdam).
+    Adam = FedAdam). With ``dp``, local training is record-level DP-SGD (Poisson sampling at
+    rate ``batch_size / n``, per-example clipping, Gaussian noise on the sum).
     """
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}.")
@@ -48,17 +51,17 @@ def fedprox(
             def regularizer(p):
                 return 0.5 * mu * tree_sq_norm(tree_sub(p, global_params))
 
-        res = local_train(
-            loss_fn,
-            client_optimizer,
-            global_params,
-            data,
-            key,
-            batch_size=batch_size,
-            epochs=epochs,
-            regularizer=regularizer,
-        )
+        kw = dict(batch_size=batch_size, epochs=epochs, regularizer=regularizer)
+        extra = {}
+        if dp is None:
+            res = local_train(loss_fn, client_optimizer, global_params, data, key, **kw)
+        else:
+            res, clipped = local_train_dp(
+                loss_fn, client_optimizer, global_params, data, key, dp=dp, **kw
+            )
+            extra["dp_clipped"] = clipped
         metrics = {
+            **extra,
             "loss_sum": res.loss_sum,
             "correct": res.correct,
             "num_seen": res.num_seen,
@@ -81,6 +84,7 @@ def fedavg(
     *,
     batch_size: int,
     epochs: int,
+    dp: DPSGD | None = None,
 ) -> FederatedAlgorithm:
     """FedAvg (FedOpt with the given server optimizer): FedProx with ``mu = 0``."""
     return fedprox(
@@ -90,4 +94,5 @@ def fedavg(
         batch_size=batch_size,
         epochs=epochs,
         mu=0.0,
+        dp=dp,
     )

@@ -1,0 +1,201 @@
+"""Record-level DP-SGD (Abadi et al. 2016) for ONE client, jittable and vmappable over clients.
+
+Sampling is Poisson, as the accountant assumes (``jaxfl.privacy.accounting.dp_sgd_event``): each
+step includes every real example independently with probability ``q``, so batch sizes vary. To
+keep static shapes without truncating a large draw (which would void the guarantee), the
+selected examples are processed in fixed-size micro-batches inside a ``while_loop`` whose trip
+count is ``ceil(selected / microbatch_size)``. Padded slots are never selected: they contribute
+nothing and do not change the sensitivity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxfl.algorithms.base import LocalResult, LossFn
+from jaxfl.tree import tree_add
+from jaxfl.types import ClientData, Params, PRNGKey
+
+
+class DPSGDStep(NamedTuple):
+    """A privatized gradient and what it assumed.
+
+    ``sensitivity`` bounds one example's L2 contribution to the noised sum (= ``clip_norm``);
+    ``noise_std`` is the std of the Gaussian added to that sum (= noise_multiplier * clip_norm).
+    """
+
+    grad: Params
+    sensitivity: jax.Array
+    noise_std: jax.Array
+    num_selected: jax.Array
+    num_clipped: jax.Array
+    loss_sum: jax.Array
+    correct: jax.Array
+
+
+def per_example_grads(
+    loss_fn: LossFn, params: Params, images: jax.Array, labels: jax.Array
+) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Params]:
+    """Per-example ``(loss [b], aux)`` and gradients (each leaf ``[b, ...]``), vmapped."""
+
+    def one(p, x, y):
+        return loss_fn(p, x[None], y[None], jnp.ones((1,), jnp.float32))
+
+    grad_fn = jax.value_and_grad(one, has_aux=True)
+    return jax.vmap(grad_fn, in_axes=(None, 0, 0))(params, images, labels)
+
+
+def clip_and_sum(grads: Params, mask: jax.Array, clip_norm: float) -> tuple[Params, jax.Array]:
+    """Clip each example's gradient to L2 norm ``clip_norm`` and sum the unmasked ones.
+
+    Returns the sum and the number of (unmasked) examples whose norm exceeded ``clip_norm``.
+    """
+    sq = sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in jax.tree.leaves(grads))
+    norms = jnp.sqrt(sq)
+    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12)) * mask
+    summed = jax.tree.map(lambda g: jnp.tensordot(scale, g, axes=1), grads)
+    return summed, jnp.sum((norms > clip_norm) * mask)
+
+
+def poisson_order(key: PRNGKey, mask: jax.Array, rate: float) -> tuple[jax.Array, jax.Array]:
+    """Poisson-sample real slots with probability ``rate``: (slots, selected first; count).
+
+    Each slot's draw comes from ``fold_in(key, slot)``, so padding does not change the sample.
+    """
+    n = mask.shape[0]
+    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(jnp.arange(n))
+    selected = (u < rate) & (mask > 0)
+    order = jnp.argsort(jnp.where(selected, u, jnp.inf)).astype(jnp.int32)
+    return order, jnp.sum(selected).astype(jnp.int32)
+
+
+def dp_sgd_gradient(
+    loss_fn: LossFn,
+    params: Params,
+    data: ClientData,
+    key: PRNGKey,
+    *,
+    sampling_rate: float,
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    microbatch_size: int,
+) -> DPSGDStep:
+    """One DP-SGD gradient: Poisson sample → per-example grads → clip → sum → noise → normalize.
+
+    The noise ``N(0, (noise_multiplier * clip_norm)^2)`` is added to the SUM of clipped
+    gradients, which is then divided by the fixed ``expected_batch_size`` (``q * n``), not by
+    the realized batch size (which would leak it).
+    """
+    sample_key, noise_key = jax.random.split(key)
+    order, count = poisson_order(sample_key, data.mask, sampling_rate)
+    slots = -(-order.shape[0] // microbatch_size) * microbatch_size
+    order = jnp.pad(order, (0, slots - order.shape[0]))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    def body(carry):
+        j, acc, clipped, loss_sum, correct = carry
+        start = j * microbatch_size
+        idx = jax.lax.dynamic_slice(order, (start,), (microbatch_size,))
+        m = ((start + jnp.arange(microbatch_size)) < count).astype(jnp.float32)
+        (losses, aux), grads = per_example_grads(
+            loss_fn, params, data.images[idx], data.labels[idx]
+        )
+        summed, n_clipped = clip_and_sum(grads, m, clip_norm)
+        return (
+            j + 1,
+            tree_add(acc, summed),
+            clipped + n_clipped,
+            loss_sum + jnp.sum(losses * m),
+            correct + jnp.sum(aux["correct"] * m),
+        )
+
+    zero = jnp.zeros((), jnp.float32)
+    n_micro = (count + microbatch_size - 1) // microbatch_size
+    _, total, clipped, loss_sum, correct = jax.lax.while_loop(
+        lambda c: c[0] < n_micro, body, (jnp.zeros((), jnp.int32), zeros, zero, zero, zero)
+    )
+    std = noise_multiplier * clip_norm
+    leaves, treedef = jax.tree.flatten(total)
+    keys = jax.random.split(noise_key, len(leaves))
+    noised = [
+        x + std * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
+    ]
+    grad = jax.tree.map(lambda x: x / expected_batch_size, jax.tree.unflatten(treedef, noised))
+    return DPSGDStep(
+        grad,
+        jnp.asarray(clip_norm, jnp.float32),
+        jnp.asarray(std, jnp.float32),
+        count,
+        clipped,
+        loss_sum,
+        correct,
+    )
+
+
+class DPSGD(NamedTuple):
+    """Record-level DP-SGD settings for local training (expected batch = the local batch size)."""
+
+    clip_norm: float
+    noise_multiplier: float
+    microbatch_size: int = 32
+
+
+def local_train_dp(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    params: Params,
+    data: ClientData,
+    key: PRNGKey,
+    *,
+    batch_size: int,
+    epochs: int,
+    dp: DPSGD,
+    regularizer: Callable[[Params], jax.Array] | None = None,
+) -> tuple[LocalResult, jax.Array]:
+    """DP-SGD local training: ``epochs * ceil(n / batch_size)`` steps with Poisson rate ``B / n``.
+
+    The same schedule the accountant composes for a client with ``n`` examples. A
+    data-independent ``regularizer`` (FedProx) adds its exact gradient after privatization.
+    Returns the result and the number of clipped per-example gradients.
+    """
+    count = data.count.astype(jnp.int32)
+    total_steps = epochs * ((count + batch_size - 1) // batch_size)
+    rate = jnp.minimum(1.0, batch_size / jnp.maximum(count, 1).astype(jnp.float32))
+
+    def body(carry):
+        step, p, opt_state, loss_sum, correct, seen, clipped = carry
+        out = dp_sgd_gradient(
+            loss_fn,
+            p,
+            data,
+            jax.random.fold_in(key, step),
+            sampling_rate=rate,
+            clip_norm=dp.clip_norm,
+            noise_multiplier=dp.noise_multiplier,
+            expected_batch_size=batch_size,
+            microbatch_size=dp.microbatch_size,
+        )
+        grad = out.grad if regularizer is None else tree_add(out.grad, jax.grad(regularizer)(p))
+        updates, opt_state = optimizer.update(grad, opt_state, p)
+        return (
+            step + 1,
+            optax.apply_updates(p, updates),
+            opt_state,
+            loss_sum + out.loss_sum,
+            correct + out.correct,
+            seen + out.num_selected.astype(jnp.float32),
+            clipped + out.num_clipped,
+        )
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (jnp.zeros((), jnp.int32), params, optimizer.init(params), zero, zero, zero, zero)
+    steps, p, _, loss_sum, correct, seen, clipped = jax.lax.while_loop(
+        lambda c: c[0] < total_steps, body, init
+    )
+    return LocalResult(p, loss_sum, correct, seen, steps), clipped
