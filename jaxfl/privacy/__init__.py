@@ -1,0 +1,1 @@
+"""Differential privacy: DP-SGD (dp_sgd), accounting and calibration with dp-accounting."""
