@@ -34,7 +34,7 @@ from jaxfl.types import ClientArrays, ClientData, Params
 STRATEGIES = ("vmap", "chunked", "loop")
 
 # Named RNG streams, folded into the root key derived from the seed.
-INIT_STREAM, SAMPLE_STREAM, CLIENT_STREAM = 0, 1, 2
+INIT_STREAM, SAMPLE_STREAM, CLIENT_STREAM, SERVER_STREAM = 0, 1, 2, 3
 
 
 def resolve_strategy(strategy: str, backend: str | None = None) -> str:
@@ -104,10 +104,17 @@ def _contribution(
     return Aggregate(tree_scale(out.update, out.weight), out.weight, out.metrics)
 
 
-def _finish(algorithm: FederatedAlgorithm, state: ServerState, agg: Aggregate):
-    """Weighted mean of the summed updates, then the algorithm's server update."""
-    mean_update = tree_scale(agg.weighted_update, 1.0 / jnp.maximum(agg.weight, 1e-12))
-    return algorithm.server_update(state, mean_update), agg.metrics
+def _finish(
+    algorithm: FederatedAlgorithm,
+    server_stream: jax.Array,
+    state: ServerState,
+    agg: Aggregate,
+    round_idx: jax.Array,
+):
+    """The algorithm's aggregate of the summed updates, then its server update."""
+    key = jax.random.fold_in(server_stream, round_idx)
+    update = algorithm.aggregate(agg.weighted_update, agg.weight, key)
+    return algorithm.server_update(state, update), agg.metrics
 
 
 class Simulator:
@@ -139,10 +146,11 @@ class Simulator:
         root = jax.random.key(seed)
         self.sample_stream = jax.random.fold_in(root, SAMPLE_STREAM)
         self.client_stream = jax.random.fold_in(root, CLIENT_STREAM)
+        self.server_stream = jax.random.fold_in(root, SERVER_STREAM)
         self._round_vmap = jax.jit(self._round_vmap_impl)
         self._round_chunked = jax.jit(self._round_chunked_impl)
         self._loop_step = jax.jit(self._loop_step_impl, donate_argnums=0)
-        self._loop_finish = jax.jit(functools.partial(_finish, algorithm))
+        self._loop_finish = jax.jit(functools.partial(_finish, algorithm, self.server_stream))
         self._aggregate_shapes = None
         if self.strategy == "loop" and jax.default_backend() == "cpu":
             tune_cpu_malloc()
@@ -178,7 +186,7 @@ class Simulator:
             agg = self._zero_aggregate(broadcast)
             for cid in ids:
                 agg = self._loop_step(agg, broadcast, self.train, jnp.int32(cid), r)
-            state, sums = self._loop_finish(state, agg)
+            state, sums = self._loop_finish(state, agg, r)
         return state, self._round_metrics(sums, len(ids))
 
     def _zero_aggregate(self, broadcast: Any) -> Aggregate:
@@ -201,7 +209,9 @@ class Simulator:
             functools.partial(_contribution, self.algorithm),
             in_axes=(None, None, 0, None, None, None),
         )(broadcast, arrays, ids, jnp.bool_(True), self.client_stream, round_idx)
-        return _finish(self.algorithm, state, tree_sum_axis0(contrib))
+        return _finish(
+            self.algorithm, self.server_stream, state, tree_sum_axis0(contrib), round_idx
+        )
 
     def _round_chunked_impl(self, state, arrays, ids_chunks, valid_chunks, round_idx):
         broadcast = self.algorithm.broadcast(state)
@@ -217,7 +227,7 @@ class Simulator:
 
         init = self._zero_aggregate(broadcast)
         agg, _ = jax.lax.scan(body, init, (ids_chunks, valid_chunks))
-        return _finish(self.algorithm, state, agg)
+        return _finish(self.algorithm, self.server_stream, state, agg, round_idx)
 
     def _loop_step_impl(self, agg, broadcast, arrays, cid, round_idx):
         contrib = _contribution(
@@ -236,6 +246,8 @@ class Simulator:
             metrics["train_accuracy"] = sums["correct"] / seen
         if "dp_clipped" in sums:
             metrics["dp_clipped_fraction"] = sums["dp_clipped"] / seen
+        if "update_clipped" in sums:
+            metrics["update_clipped_fraction"] = sums["update_clipped"] / num_clients
         if "num_steps" in sums:
             metrics["local_steps_mean"] = sums["num_steps"] / num_clients
         return metrics

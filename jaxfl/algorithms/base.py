@@ -41,13 +41,21 @@ class ClientOutput(NamedTuple):
     metrics: dict[str, jax.Array]
 
 
+def weighted_mean(weighted_sum: Params, weight_sum: jax.Array, key: PRNGKey) -> Params:
+    """``sum_c w_c u_c / sum_c w_c`` (zero if no client had weight); ``key`` is unused."""
+    del key
+    return jax.tree.map(lambda x: x / jnp.maximum(weight_sum, 1e-12), weighted_sum)
+
+
 class FederatedAlgorithm(NamedTuple):
     """Pure functions defining a federated algorithm for a single client.
 
     - ``init(params) -> ServerState``
     - ``broadcast(server_state) -> B``: what the server sends to every client this round.
     - ``client_update(b, data: ClientData, key) -> ClientOutput``: one client's local work.
-    - ``server_update(server_state, mean_update) -> ServerState``: apply the weighted mean update.
+    - ``server_update(server_state, mean_update) -> ServerState``: apply the aggregated update.
+    - ``aggregate(sum_c w_c u_c, sum_c w_c, server_key) -> update``: how the server combines
+      the summed updates (weighted mean by default; central DP adds noise here).
     """
 
     name: str
@@ -55,6 +63,7 @@ class FederatedAlgorithm(NamedTuple):
     broadcast: Callable[[ServerState], Any]
     client_update: Callable[[Any, ClientData, PRNGKey], ClientOutput]
     server_update: Callable[[ServerState, Params], ServerState]
+    aggregate: Callable[[Params, jax.Array, PRNGKey], Params] = weighted_mean
 
 
 def classification_loss(apply_fn: Callable[..., jax.Array]) -> LossFn:

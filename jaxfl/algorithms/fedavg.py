@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -12,9 +13,11 @@ from jaxfl.algorithms.base import (
     ServerState,
     local_train,
     server_apply,
+    weighted_mean,
 )
 from jaxfl.privacy.dp_sgd import DPSGD, local_train_dp
-from jaxfl.tree import tree_sq_norm, tree_sub
+from jaxfl.privacy.update_dp import UpdateDP, add_gaussian_noise, clip_update
+from jaxfl.tree import tree_scale, tree_sq_norm, tree_sub
 from jaxfl.types import ClientData, Params, PRNGKey
 
 
@@ -27,13 +30,16 @@ def fedprox(
     epochs: int,
     mu: float,
     dp: DPSGD | None = None,
+    update_dp: UpdateDP | None = None,
 ) -> FederatedAlgorithm:
     """FedProx: local objective ``f(w) + mu/2 ||w - w_global||^2``; ``mu = 0`` is FedAvg.
 
     Each client's update is ``w_local - w_global`` weighted by its number of training examples;
     the server applies the weighted mean with ``server_optimizer`` (SGD lr 1 = FedAvg,
     Adam = FedAdam). With ``dp``, local training is record-level DP-SGD (Poisson sampling at
-    rate ``batch_size / n``, per-example clipping, Gaussian noise on the sum).
+    rate ``batch_size / n``, per-example clipping, Gaussian noise on the sum). With
+    ``update_dp``, each update is clipped to ``C`` and noised on the client (``local``), or
+    clients get weight 1 and the server noises the sum (``central``, DP-FedAvg).
     """
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}.")
@@ -51,6 +57,8 @@ def fedprox(
             def regularizer(p):
                 return 0.5 * mu * tree_sq_norm(tree_sub(p, global_params))
 
+        if update_dp is not None:
+            key, noise_key = jax.random.split(key)
         kw = dict(batch_size=batch_size, epochs=epochs, regularizer=regularizer)
         extra = {}
         if dp is None:
@@ -68,13 +76,29 @@ def fedprox(
             "num_steps": res.num_steps.astype(jnp.float32),
         }
         weight = data.count.astype(jnp.float32)
-        return ClientOutput(tree_sub(res.params, global_params), weight, metrics)
+        update = tree_sub(res.params, global_params)
+        if update_dp is not None:
+            update, norm = clip_update(update, update_dp.clip_norm)
+            metrics["update_clipped"] = (norm > update_dp.clip_norm).astype(jnp.float32)
+            if update_dp.mode == "local":
+                update = add_gaussian_noise(update, update_dp.noise_std, noise_key)
+            else:  # central: weight 1 each, so one client moves the sum by at most C
+                weight = (data.count > 0).astype(jnp.float32)
+        return ClientOutput(update, weight, metrics)
 
     def server_update(state: ServerState, mean_update: Params) -> ServerState:
         return server_apply(server_optimizer, state, mean_update)
 
+    aggregate = weighted_mean
+    if update_dp is not None and update_dp.mode == "central":
+
+        def aggregate(weighted_sum, weight_sum, key):
+            del weight_sum  # a fixed denominator keeps the sensitivity at C / expected_clients
+            noised = add_gaussian_noise(weighted_sum, update_dp.noise_std, key)
+            return tree_scale(noised, 1.0 / update_dp.expected_clients)
+
     name = "fedprox" if mu > 0 else "fedavg"
-    return FederatedAlgorithm(name, init, broadcast, client_update, server_update)
+    return FederatedAlgorithm(name, init, broadcast, client_update, server_update, aggregate)
 
 
 def fedavg(
@@ -85,6 +109,7 @@ def fedavg(
     batch_size: int,
     epochs: int,
     dp: DPSGD | None = None,
+    update_dp: UpdateDP | None = None,
 ) -> FederatedAlgorithm:
     """FedAvg (FedOpt with the given server optimizer): FedProx with ``mu = 0``."""
     return fedprox(
@@ -95,4 +120,5 @@ def fedavg(
         epochs=epochs,
         mu=0.0,
         dp=dp,
+        update_dp=update_dp,
     )

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxfl.algorithms.base import LocalResult, LossFn
-from jaxfl.tree import tree_add
+from jaxfl.privacy.update_dp import add_gaussian_noise
+from jaxfl.tree import tree_add, tree_scale
 from jaxfl.types import ClientData, Params, PRNGKey
 
 
@@ -121,12 +122,7 @@ def dp_sgd_gradient(
         lambda c: c[0] < n_micro, body, (jnp.zeros((), jnp.int32), zeros, zero, zero, zero)
     )
     std = noise_multiplier * clip_norm
-    leaves, treedef = jax.tree.flatten(total)
-    keys = jax.random.split(noise_key, len(leaves))
-    noised = [
-        x + std * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
-    ]
-    grad = jax.tree.map(lambda x: x / expected_batch_size, jax.tree.unflatten(treedef, noised))
+    grad = tree_scale(add_gaussian_noise(total, std, noise_key), 1.0 / expected_batch_size)
     return DPSGDStep(
         grad,
         jnp.asarray(clip_norm, jnp.float32),
