@@ -31,6 +31,19 @@ def get_config() -> ml_collections.ConfigDict:
         dict(optimizer="adam", learning_rate=3e-3, momentum=0.0, batch_size=32, epochs=2)
     )
     config.server = ml_collections.ConfigDict(dict(optimizer="sgd", learning_rate=1.0))
+    config.dp = ml_collections.ConfigDict(
+        dict(
+            mode="none",  # none | record (DP-SGD) | local_update | user_level (DP-FedAvg)
+            clip_norm=1.0,  # per-example (record) or per-update L2 bound C
+            noise_multiplier=1.0,  # noise std = noise_multiplier * C; used if target_epsilon=0
+            target_epsilon=0.0,  # > 0: calibrate the noise multiplier for the whole run
+            delta=1e-5,
+            accountant="rdp",  # rdp | pld (dp-accounting)
+            microbatch_size=32,  # record mode: per-example gradients computed this many at once
+            seed_as_coded=False,  # local_update: Flower LocalDpMod noise (sensitivity 1)
+            seed_epsilon=6.0,  # ...with this per-round epsilon, as the BloodMNIST code does
+        )
+    )
     config.rounds = 10
     config.clients_per_round = 0  # clients sampled each round; 0 = all
     config.client_fraction = 0.0  # or a fraction of clients in (0, 1]; 0 = use clients_per_round

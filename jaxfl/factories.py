@@ -12,6 +12,7 @@ import optax
 from jaxfl.algorithms import FederatedAlgorithm, classification_loss, fedavg, fedprox
 from jaxfl.data import build_federated, load_medmnist, partition, synthetic_dataset
 from jaxfl.models import get_model
+from jaxfl.privacy.plan import PrivacyPlan
 from jaxfl.types import Dataset, FederatedData
 
 ALGORITHMS = ("fedavg", "fedprox")
@@ -77,12 +78,16 @@ def build_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformat
     raise ValueError(f"optimizer {opt.optimizer!r}; choose one of {OPTIMIZERS}.")
 
 
-def build_algorithm(config: ml_collections.ConfigDict, model) -> FederatedAlgorithm:
+def build_algorithm(
+    config: ml_collections.ConfigDict, model, privacy: PrivacyPlan | None = None
+) -> FederatedAlgorithm:
     """The federated algorithm named by ``config.algorithm.name`` for a flax ``model``."""
     loss = classification_loss(model.apply)
     client_opt = build_optimizer(config.local)
     server_opt = build_optimizer(config.server)
     kw = dict(batch_size=config.local.batch_size, epochs=config.local.epochs)
+    if privacy is not None:
+        kw.update(dp=privacy.dp_sgd, update_dp=privacy.update_dp)
     name = config.algorithm.name
     if name == "fedavg":
         return fedavg(loss, client_opt, server_opt, **kw)

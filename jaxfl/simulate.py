@@ -239,7 +239,7 @@ class Simulator:
     def _round_metrics(sums: dict[str, jax.Array], num_clients: int) -> dict[str, float]:
         sums = {k: float(v) for k, v in sums.items()}
         seen = max(sums.get("num_seen", 0.0), 1.0)
-        metrics = {"clients": num_clients}
+        metrics = {"clients": num_clients, "examples_seen": sums.get("num_seen", 0.0)}
         if "loss_sum" in sums:
             metrics["train_loss"] = sums["loss_sum"] / seen
         if "correct" in sums:

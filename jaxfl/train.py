@@ -19,7 +19,8 @@ from jaxfl import factories
 from jaxfl.checkpoint import Checkpointer, check_same_config
 from jaxfl.evaluate import evaluate_clients, evaluate_global, make_predict_fn
 from jaxfl.metrics import read_metrics
-from jaxfl.simulate import INIT_STREAM, Simulator
+from jaxfl.privacy.plan import plan_privacy
+from jaxfl.simulate import INIT_STREAM, Simulator, num_sampled_clients
 from jaxfl.validate import validate_config, validate_dataset
 
 
@@ -64,7 +65,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     fed = factories.build_federated_data(config, dataset)
     model = factories.build_model(config, fed.num_classes)
-    algorithm = factories.build_algorithm(config, model)
+    sampling = factories.clients_per_round(config)
+    privacy = plan_privacy(
+        config, np.asarray(fed.train.counts), num_sampled_clients(sampling, config.num_clients)
+    )
+    algorithm = factories.build_algorithm(config, model, privacy)
     init_key = jax.random.fold_in(jax.random.key(config.seed), INIT_STREAM)
     params = factories.init_params(model, fed.train.images[0], init_key)
     sim = Simulator(
@@ -73,7 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         seed=config.seed,
         strategy=config.strategy,
         chunk_size=config.chunk_size,
-        clients_per_round=factories.clients_per_round(config),
+        clients_per_round=sampling,
     )
     predict_fn = make_predict_fn(model.apply)
     state = algorithm.init(params)
@@ -119,6 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 )
                 metrics["heldout_accuracy_mean"] = float(np.nanmean(per_client))
                 metrics["heldout_accuracy"] = per_client
+            metrics.update(privacy.epsilon_metrics(r + 1))
             metrics["round_time_s"] = time.perf_counter() - round_start
             metrics["wall_time_s"] = elapsed_before + time.perf_counter() - start
             metrics = {k: _jsonable(v) for k, v in metrics.items()}

@@ -20,6 +20,7 @@ from jaxfl.factories import (
     clients_per_round,
 )
 from jaxfl.models import MODELS
+from jaxfl.privacy.plan import DP_MODES
 from jaxfl.simulate import STRATEGIES, num_sampled_clients
 from jaxfl.types import Dataset
 
@@ -80,6 +81,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             num_sampled_clients(clients_per_round(config), config.num_clients)
         except ValueError as e:
             errors.append(f"config.{e}")
+    _validate_dp(config, errors)
     if config.data.source == "medmnist":
         path = medmnist_path(config.data.name, config.data.data_dir or None, config.data.size)
         if not path.exists():
@@ -106,3 +108,23 @@ def validate_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> Non
         )
     if errors:
         raise ConfigError("Invalid config for this data:\n  - " + "\n  - ".join(errors))
+
+
+def _validate_dp(config: ml_collections.ConfigDict, errors: list[str]) -> None:
+    """DP fields: a known mode, positive clip norm and noise, 0 < delta < 1."""
+    dp = config.dp
+    _choice(errors, "dp.mode", dp.mode, DP_MODES)
+    if dp.mode == "none":
+        return
+    _choice(errors, "dp.accountant", dp.accountant, ("rdp", "pld"))
+    _positive(errors, "dp.clip_norm", dp.clip_norm, float)
+    _positive(errors, "dp.microbatch_size", dp.microbatch_size)
+    if not 0 < dp.delta < 1:
+        errors.append(f"config.dp.delta={dp.delta} must be in (0, 1), e.g. 1e-5.")
+    if dp.target_epsilon < 0:
+        errors.append(f"config.dp.target_epsilon={dp.target_epsilon} must be > 0, or 0 to use "
+                      "config.dp.noise_multiplier as given.")  # fmt: skip
+    if dp.target_epsilon == 0 and not dp.noise_multiplier >= 0:
+        errors.append(f"config.dp.noise_multiplier={dp.noise_multiplier} must be >= 0.")
+    if dp.seed_as_coded and dp.mode != "local_update":
+        errors.append("config.dp.seed_as_coded applies to dp.mode='local_update' only.")

@@ -1,1 +1,1 @@
-"""Differential privacy: DP-SGD (dp_sgd), accounting and calibration with dp-accounting."""
+"""Differential privacy: DP-SGD, update-level DP, accounting and calibration (dp-accounting)."""

@@ -1,0 +1,122 @@
+"""Turn ``config.dp`` into the algorithm's DP settings and a per-round accountant.
+
+The noise multiplier the clients use and the one the accountant composes come from the same
+:class:`PrivacyPlan`, so the reported epsilon is always the epsilon of the run's exact schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import NamedTuple
+
+import ml_collections
+import numpy as np
+
+from jaxfl.privacy import accounting, calibrate
+from jaxfl.privacy.dp_sgd import DPSGD
+from jaxfl.privacy.update_dp import UpdateDP
+
+DP_MODES = ("none", "record", "local_update", "user_level")
+
+
+class PrivacyPlan(NamedTuple):
+    """What the algorithm needs (``dp_sgd`` / ``update_dp``) and how to account for it."""
+
+    mode: str
+    noise_multiplier: float
+    delta: float
+    dp_sgd: DPSGD | None
+    update_dp: UpdateDP | None
+    epsilons_after: Callable[[int], np.ndarray] | None  # rounds -> epsilon per client
+
+    def epsilon_metrics(self, rounds_done: int) -> dict:
+        """``epsilon`` (max over clients), ``delta`` and, per client, ``epsilon_per_client``."""
+        if self.epsilons_after is None:
+            return {}
+        eps = self.epsilons_after(rounds_done)
+        out = {"epsilon": float(np.max(eps)), "delta": self.delta}
+        if eps.size > 1:
+            out["epsilon_per_client"] = eps
+        return out
+
+
+def plan_privacy(
+    config: ml_collections.ConfigDict, client_sizes: np.ndarray, clients_per_round: int
+) -> PrivacyPlan:
+    """Resolve ``config.dp`` for clients holding ``client_sizes`` training examples."""
+    dp = config.dp
+    if dp.mode == "none":
+        return PrivacyPlan("none", 0.0, 0.0, None, None, None)
+    rounds, delta, acc = config.rounds, dp.delta, dp.accountant
+    batch, epochs = config.local.batch_size, config.local.epochs
+    num_clients = len(client_sizes)
+    if clients_per_round != num_clients and dp.mode != "local_update":
+        raise ValueError(
+            f"config.dp.mode={dp.mode!r} is accounted for clients taking part in every round; "
+            "set clients_per_round=0 and client_fraction=0 (all clients)."
+        )
+
+    if dp.mode == "record":
+        smallest = int(np.min(client_sizes))
+
+        def make_event(z):  # the smallest client has the largest sampling rate: worst case
+            return accounting.client_dp_sgd_event(z, smallest, batch, epochs, rounds)
+
+        z = _noise(dp, make_event, delta, acc, num_examples=smallest)
+
+        def epsilons(r):
+            return accounting.record_level_epsilons_per_client(
+                z, client_sizes, batch, epochs, r, delta, accountant=acc
+            )
+
+        return PrivacyPlan(
+            "record", z, delta, DPSGD(dp.clip_norm, z, dp.microbatch_size), None, epsilons
+        )
+
+    if dp.mode == "local_update":
+        if dp.seed_as_coded:
+            std = accounting.seed_as_coded_noise_std(1.0, dp.seed_epsilon, delta)
+            z = std / dp.clip_norm
+            real = accounting.epsilon(accounting.local_update_event(z, rounds), delta, acc)
+            logging.warning(
+                "dp.seed_as_coded: noise std %.4f from sensitivity 1 (Flower LocalDpMod), but "
+                "the clipped update's sensitivity is C=%.1f: this run really costs "
+                "epsilon=%.1f at delta=%g over %d rounds, not %.1f.",
+                std, dp.clip_norm, real, delta, rounds, dp.seed_epsilon,
+            )  # fmt: skip
+        else:
+            z = _noise(dp, lambda z: accounting.local_update_event(z, rounds), delta, acc)
+
+        def epsilons(r):
+            eps = accounting.epsilon(accounting.local_update_event(z, r), delta, acc)
+            return np.full(num_clients, eps)
+
+        update_dp = UpdateDP("local", dp.clip_norm, z * dp.clip_norm)
+        return PrivacyPlan("local_update", z, delta, None, update_dp, epsilons)
+
+    if dp.mode == "user_level":
+        z = _noise(
+            dp, lambda z: accounting.user_level_event(z, 1.0, rounds), delta, acc,
+            num_examples=num_clients,
+        )  # fmt: skip
+
+        def epsilons(r):
+            return np.array(
+                [accounting.epsilon(accounting.user_level_event(z, 1.0, r), delta, acc)]
+            )
+
+        update_dp = UpdateDP("central", dp.clip_norm, z * dp.clip_norm, float(clients_per_round))
+        return PrivacyPlan("user_level", z, delta, None, update_dp, epsilons)
+    raise ValueError(f"config.dp.mode={dp.mode!r}; choose one of {DP_MODES}.")
+
+
+def _noise(dp, make_event, delta, accountant, num_examples=None) -> float:
+    """``dp.noise_multiplier``, or the smallest one meeting ``dp.target_epsilon`` if it is set."""
+    if dp.target_epsilon <= 0:
+        return float(dp.noise_multiplier)
+    z = calibrate.calibrate_noise_multiplier(
+        make_event, dp.target_epsilon, delta, accountant=accountant, num_examples=num_examples
+    )
+    logging.info("dp: calibrated noise multiplier %.4f for epsilon=%g", z, dp.target_epsilon)
+    return z
