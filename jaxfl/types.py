@@ -5,6 +5,7 @@ Arrays with a leading client axis end in ``_c`` or are documented as ``[K, ...]`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -12,6 +13,10 @@ import numpy as np
 
 Params = Any
 PRNGKey = jax.Array
+
+# loss_fn(params, images [B, ...], labels [B], mask [B]) -> (mean loss over real examples, aux)
+# where aux holds per-batch sums: {"loss_sum": ..., "correct": ...}.
+LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 class Split(NamedTuple):
@@ -65,3 +70,13 @@ class FederatedData(NamedTuple):
     test: Split
     num_classes: int
     name: str
+
+
+class LocalResult(NamedTuple):
+    """Outcome of :func:`local_train`: final params and sums over every local step."""
+
+    params: Params
+    loss_sum: jax.Array
+    correct: jax.Array
+    num_seen: jax.Array
+    num_steps: jax.Array

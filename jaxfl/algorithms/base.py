@@ -14,11 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxfl.types import ClientData, Params, PRNGKey
-
-# loss_fn(params, images [B, ...], labels [B], mask [B]) -> (mean loss over real examples, aux)
-# where aux holds per-batch sums: {"loss_sum": ..., "correct": ...}.
-LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+from jaxfl.types import ClientData, LocalResult, LossFn, Params, PRNGKey
 
 
 class ServerState(NamedTuple):
@@ -94,16 +90,6 @@ def epoch_permutations(key: PRNGKey, mask: jax.Array, epochs: int) -> jax.Array:
         return jnp.argsort(jnp.where(mask > 0, u, jnp.inf))
 
     return jax.vmap(one_epoch)(jnp.arange(epochs)).astype(jnp.int32)
-
-
-class LocalResult(NamedTuple):
-    """Outcome of :func:`local_train`: final params and sums over every local step."""
-
-    params: Params
-    loss_sum: jax.Array
-    correct: jax.Array
-    num_seen: jax.Array
-    num_steps: jax.Array
 
 
 def local_train(

@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxfl.algorithms.base import LocalResult, LossFn
 from jaxfl.privacy.update_dp import add_gaussian_noise
 from jaxfl.tree import tree_add, tree_scale
-from jaxfl.types import ClientData, Params, PRNGKey
+from jaxfl.types import ClientData, LocalResult, LossFn, Params, PRNGKey
 
 
 class DPSGDStep(NamedTuple):

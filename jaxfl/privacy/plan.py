@@ -58,17 +58,18 @@ def plan_privacy(
         )
 
     if dp.mode == "record":
-        smallest = int(np.min(client_sizes))
 
-        def make_event(z):  # the smallest client has the largest sampling rate: worst case
-            return accounting.client_dp_sgd_event(z, smallest, batch, epochs, rounds)
-
-        z = _noise(dp, make_event, delta, acc, num_examples=smallest)
-
-        def epsilons(r):
+        def epsilons_for(z, r):
             return accounting.record_level_epsilons_per_client(
                 z, client_sizes, batch, epochs, r, delta, accountant=acc
             )
+
+        # Calibrate the max over clients: each client's epsilon depends on its own size.
+        smallest = int(np.min(client_sizes))
+        z = _noise(dp, lambda z: float(np.max(epsilons_for(z, rounds))), delta, smallest)
+
+        def epsilons(r):
+            return epsilons_for(z, r)
 
         return PrivacyPlan(
             "record", z, delta, DPSGD(dp.clip_norm, z, dp.microbatch_size), None, epsilons
@@ -86,7 +87,7 @@ def plan_privacy(
                 std, dp.clip_norm, real, delta, rounds, dp.seed_epsilon,
             )  # fmt: skip
         else:
-            z = _noise(dp, lambda z: accounting.local_update_event(z, rounds), delta, acc)
+            z = _noise(dp, _event_epsilon(accounting.local_update_event, rounds, delta, acc), delta)
 
         def epsilons(r):
             eps = accounting.epsilon(accounting.local_update_event(z, r), delta, acc)
@@ -96,10 +97,8 @@ def plan_privacy(
         return PrivacyPlan("local_update", z, delta, None, update_dp, epsilons)
 
     if dp.mode == "user_level":
-        z = _noise(
-            dp, lambda z: accounting.user_level_event(z, 1.0, rounds), delta, acc,
-            num_examples=num_clients,
-        )  # fmt: skip
+        user_event = lambda z, r: accounting.user_level_event(z, 1.0, r)
+        z = _noise(dp, _event_epsilon(user_event, rounds, delta, acc), delta, num_clients)
 
         def epsilons(r):
             return np.array(
@@ -111,12 +110,17 @@ def plan_privacy(
     raise ValueError(f"config.dp.mode={dp.mode!r}; choose one of {DP_MODES}.")
 
 
-def _noise(dp, make_event, delta, accountant, num_examples=None) -> float:
+def _event_epsilon(make_event, rounds, delta, accountant) -> Callable[[float], float]:
+    """``z -> epsilon`` of ``make_event(z, rounds)`` at ``delta``."""
+    return lambda z: accounting.epsilon(make_event(z, rounds), delta, accountant)
+
+
+def _noise(dp, epsilon_fn, delta, num_examples=None) -> float:
     """``dp.noise_multiplier``, or the smallest one meeting ``dp.target_epsilon`` if it is set."""
     if dp.target_epsilon <= 0:
         return float(dp.noise_multiplier)
     z = calibrate.calibrate_noise_multiplier(
-        make_event, dp.target_epsilon, delta, accountant=accountant, num_examples=num_examples
+        epsilon_fn, dp.target_epsilon, delta, num_examples=num_examples
     )
     logging.info("dp: calibrated noise multiplier %.4f for epsilon=%g", z, dp.target_epsilon)
     return z
