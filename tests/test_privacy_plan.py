@@ -92,3 +92,12 @@ def test_record_level_run_logs_growing_epsilon(tmp_path):
     assert rows[0]["epsilon"] < rows[1]["epsilon"] <= 4.0
     assert len(rows[1]["epsilon_per_client"]) == 3 and rows[1]["delta"] == 1e-3
     assert 0.0 <= rows[1]["dp_clipped_fraction"] <= 1.0
+
+
+@pytest.mark.parametrize("module", ["jaxfl.privacy.plan", "jaxfl.privacy.dp_sgd", "jaxfl.train"])
+def test_modules_import_first_in_a_fresh_process(module):
+    # Regression: importing jaxfl.privacy before jaxfl.algorithms once hit an import cycle.
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxfl.rng import slot_uniforms
 from jaxfl.types import ClientData, LocalResult, LossFn, Params, PRNGKey
 
 
@@ -85,8 +86,7 @@ def epoch_permutations(key: PRNGKey, mask: jax.Array, epochs: int) -> jax.Array:
     n = mask.shape[0]
 
     def one_epoch(e):
-        k = jax.random.fold_in(key, e)
-        u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(k, i)))(jnp.arange(n))
+        u = slot_uniforms(jax.random.fold_in(key, e), n)
         return jnp.argsort(jnp.where(mask > 0, u, jnp.inf))
 
     return jax.vmap(one_epoch)(jnp.arange(epochs)).astype(jnp.int32)

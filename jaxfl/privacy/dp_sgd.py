@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxfl.privacy.update_dp import add_gaussian_noise
+from jaxfl.rng import slot_uniforms
 from jaxfl.tree import tree_add, tree_scale
 from jaxfl.types import ClientData, LocalResult, LossFn, Params, PRNGKey
 
@@ -67,8 +68,7 @@ def poisson_order(key: PRNGKey, mask: jax.Array, rate: float) -> tuple[jax.Array
 
     Each slot's draw comes from ``fold_in(key, slot)``, so padding does not change the sample.
     """
-    n = mask.shape[0]
-    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(jnp.arange(n))
+    u = slot_uniforms(key, mask.shape[0])
     selected = (u < rate) & (mask > 0)
     order = jnp.argsort(jnp.where(selected, u, jnp.inf)).astype(jnp.int32)
     return order, jnp.sum(selected).astype(jnp.int32)
