@@ -128,3 +128,8 @@ def _validate_dp(config: ml_collections.ConfigDict, errors: list[str]) -> None:
         errors.append(f"config.dp.noise_multiplier={dp.noise_multiplier} must be >= 0.")
     if dp.seed_as_coded and dp.mode != "local_update":
         errors.append("config.dp.seed_as_coded applies to dp.mode='local_update' only.")
+    if dp.per_round_epsilon and (dp.mode != "local_update" or dp.target_epsilon):
+        errors.append(
+            f"config.dp.per_round_epsilon={dp.per_round_epsilon} applies to "
+            "dp.mode='local_update' without dp.target_epsilon; set one budget, not both."
+        )

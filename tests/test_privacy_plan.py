@@ -101,3 +101,22 @@ def test_modules_import_first_in_a_fresh_process(module):
     import sys
 
     subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
+
+
+def test_per_round_budget_calibrates_one_round_and_reports_the_composition():
+    config = _dp_config(
+        **{"dp.mode": "local_update", "dp.target_epsilon": 0.0, "dp.per_round_epsilon": 2.0}
+    )
+    plan = plan_privacy(config, SIZES, 3)
+    one = plan.epsilon_metrics(1)["epsilon"]
+    assert 1.99 < one <= 2.0
+    assert plan.epsilon_metrics(50)["epsilon"] > 5 * one  # 50 rounds compose
+
+
+def test_per_round_and_total_budget_are_exclusive():
+    config = apply_overrides(
+        debug.get_config(),
+        {"dp.mode": "local_update", "dp.target_epsilon": 6.0, "dp.per_round_epsilon": 1.0},
+    )
+    with pytest.raises(ConfigError, match="set one budget, not both"):
+        validate_config(config)

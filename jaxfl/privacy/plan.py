@@ -86,6 +86,11 @@ def plan_privacy(
                 "epsilon=%.1f at delta=%g over %d rounds, not %.1f.",
                 std, dp.clip_norm, real, delta, rounds, dp.seed_epsilon,
             )  # fmt: skip
+        elif dp.per_round_epsilon > 0:
+            # Each round's release is (per_round_epsilon, delta)-DP with the true sensitivity C;
+            # the rounds still compose, and the reported epsilon says what the run costs.
+            one_round = _event_epsilon(accounting.local_update_event, 1, delta, acc)
+            z = calibrate.calibrate_noise_multiplier(one_round, dp.per_round_epsilon, delta)
         else:
             z = _noise(dp, _event_epsilon(accounting.local_update_event, rounds, delta, acc), delta)
 
