@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.rounds = 10
     config.clients_per_round = 0  # clients sampled each round; 0 = all
     config.client_fraction = 0.0  # or a fraction of clients in (0, 1]; 0 = use clients_per_round
+    # "fixed": exactly that many clients a round; "poisson": each client independently with
+    # probability client_fraction (what user-level DP accounting assumes; random count).
+    config.client_sampling = "fixed"
     config.strategy = "auto"  # auto | vmap | chunked | loop
     config.chunk_size = 64
     config.eval_every = 1

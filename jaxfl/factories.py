@@ -67,6 +67,11 @@ def clients_per_round(config: ml_collections.ConfigDict) -> int | float:
     return config.client_fraction if config.client_fraction else config.clients_per_round
 
 
+def poisson_rate(config: ml_collections.ConfigDict) -> float | None:
+    """The Poisson client-sampling rate, or None for fixed-size sampling."""
+    return config.client_fraction if config.client_sampling == "poisson" else None
+
+
 def build_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """An optax optimizer from ``{optimizer, learning_rate, momentum?, weight_decay?}``."""
     if opt.optimizer == "sgd":

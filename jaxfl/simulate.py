@@ -133,14 +133,24 @@ class Simulator:
         strategy: str = "auto",
         chunk_size: int = 64,
         clients_per_round: int | float | None = None,
+        poisson_rate: float | None = None,
     ):
         chex.assert_equal_shape_prefix(tuple(train), 1)
+        if poisson_rate is not None and not 0 < poisson_rate <= 1:
+            raise ValueError(f"poisson_rate must be in (0, 1], got {poisson_rate}.")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
         self.algorithm = algorithm
         self.train = ClientArrays(*(jnp.asarray(a) for a in train))
         self.num_clients = train.num_clients
-        self.per_round = num_sampled_clients(clients_per_round, self.num_clients)
+        # Poisson sampling (each client independently with probability q, as user-level DP
+        # accounting assumes) overrides the fixed-size clients_per_round.
+        self.poisson_rate = poisson_rate
+        self.per_round = (
+            self.num_clients
+            if poisson_rate is not None
+            else num_sampled_clients(clients_per_round, self.num_clients)
+        )
         self.strategy = resolve_strategy(strategy)
         self.chunk_size = min(chunk_size, self.per_round)
         root = jax.random.key(seed)
@@ -157,6 +167,10 @@ class Simulator:
 
     def sample_clients(self, round_idx: int) -> np.ndarray:
         """Sorted ids of the clients taking part in ``round_idx``."""
+        if self.poisson_rate is not None:
+            key = jax.random.fold_in(self.sample_stream, round_idx)
+            u = np.asarray(jax.random.uniform(key, (self.num_clients,)))
+            return np.flatnonzero(u < self.poisson_rate).astype(np.int32)
         if self.per_round == self.num_clients:
             return np.arange(self.num_clients, dtype=np.int32)
         key = jax.random.fold_in(self.sample_stream, round_idx)
@@ -167,13 +181,20 @@ class Simulator:
         """One federated round; returns the new server state and host-side round metrics."""
         ids = self.sample_clients(round_idx)
         r = jnp.asarray(round_idx, jnp.int32)
+        # A Poisson sample has a random size: vmap/chunked keep their static shape by running
+        # every client with the unsampled ones masked out (weight 0, no steps).
+        slots = np.arange(self.num_clients, dtype=np.int32) if self.poisson_rate else ids
+        selected = np.isin(slots, ids)
         if self.strategy == "vmap":
-            state, sums = self._round_vmap(state, self.train, jnp.asarray(ids), r)
+            state, sums = self._round_vmap(
+                state, self.train, jnp.asarray(slots), jnp.asarray(selected), r
+            )
         elif self.strategy == "chunked":
-            n_chunks = -(-len(ids) // self.chunk_size)
+            n_chunks = -(-len(slots) // self.chunk_size)
             padded = np.zeros(n_chunks * self.chunk_size, np.int32)
-            padded[: len(ids)] = ids
-            valid = np.arange(len(padded)) < len(ids)
+            padded[: len(slots)] = slots
+            valid = np.zeros(len(padded), bool)
+            valid[: len(slots)] = selected
             state, sums = self._round_chunked(
                 state,
                 self.train,
@@ -203,12 +224,12 @@ class Simulator:
             )
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._aggregate_shapes)
 
-    def _round_vmap_impl(self, state, arrays, ids, round_idx):
+    def _round_vmap_impl(self, state, arrays, ids, valid, round_idx):
         broadcast = self.algorithm.broadcast(state)
         contrib = jax.vmap(
             functools.partial(_contribution, self.algorithm),
-            in_axes=(None, None, 0, None, None, None),
-        )(broadcast, arrays, ids, jnp.bool_(True), self.client_stream, round_idx)
+            in_axes=(None, None, 0, 0, None, None),
+        )(broadcast, arrays, ids, valid, self.client_stream, round_idx)
         return _finish(
             self.algorithm, self.server_stream, state, tree_sum_axis0(contrib), round_idx
         )
@@ -247,7 +268,7 @@ class Simulator:
         if "dp_clipped" in sums:
             metrics["dp_clipped_fraction"] = sums["dp_clipped"] / seen
         if "update_clipped" in sums:
-            metrics["update_clipped_fraction"] = sums["update_clipped"] / num_clients
+            metrics["update_clipped_fraction"] = sums["update_clipped"] / max(num_clients, 1)
         if "num_steps" in sums:
-            metrics["local_steps_mean"] = sums["num_steps"] / num_clients
+            metrics["local_steps_mean"] = sums["num_steps"] / max(num_clients, 1)
         return metrics

@@ -66,8 +66,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     fed = factories.build_federated_data(config, dataset)
     model = factories.build_model(config, fed.num_classes)
     sampling = factories.clients_per_round(config)
+    rate = factories.poisson_rate(config)
     privacy = plan_privacy(
-        config, np.asarray(fed.train.counts), num_sampled_clients(sampling, config.num_clients)
+        config,
+        np.asarray(fed.train.counts),
+        num_sampled_clients(sampling, config.num_clients),
+        poisson_rate=rate,
     )
     algorithm = factories.build_algorithm(config, model, privacy)
     init_key = jax.random.fold_in(jax.random.key(config.seed), INIT_STREAM)
@@ -79,6 +83,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         strategy=config.strategy,
         chunk_size=config.chunk_size,
         clients_per_round=sampling,
+        poisson_rate=rate,
     )
     predict_fn = make_predict_fn(model.apply)
     state = algorithm.init(params)

@@ -71,6 +71,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.algorithm.name == "fedprox" and not config.algorithm.mu >= 0:
         errors.append(f"config.algorithm.mu={config.algorithm.mu} must be >= 0 for FedProx.")
+    _choice(errors, "client_sampling", config.client_sampling, ("fixed", "poisson"))
+    if config.client_sampling == "poisson" and not 0 < config.client_fraction <= 1:
+        errors.append(
+            f"config.client_sampling='poisson' needs config.client_fraction in (0, 1] (the "
+            f"sampling rate), got {config.client_fraction}."
+        )
     if config.client_fraction and config.clients_per_round:
         errors.append(
             f"config.clients_per_round={config.clients_per_round} and "

@@ -48,7 +48,7 @@ def test_seed_as_coded_reports_its_real_epsilon(caplog):
 
 
 def test_user_level_needs_every_client_each_round():
-    with pytest.raises(ValueError, match="clients_per_round=0"):
+    with pytest.raises(ValueError, match="client_sampling=.poisson."):
         plan_privacy(_dp_config(**{"dp.mode": "user_level"}), SIZES, 2)
 
 
@@ -120,3 +120,35 @@ def test_per_round_and_total_budget_are_exclusive():
     )
     with pytest.raises(ConfigError, match="set one budget, not both"):
         validate_config(config)
+
+
+def test_user_level_with_poisson_client_sampling():
+    config = _dp_config(**{"dp.mode": "user_level", "dp.target_epsilon": 0.0})
+    config.dp.noise_multiplier = 1.0
+    full = plan_privacy(config, SIZES, 3)
+    sampled = plan_privacy(config, SIZES, 3, poisson_rate=0.3)
+    assert sampled.update_dp.expected_clients == pytest.approx(0.9)
+    assert sampled.epsilon_metrics(50)["epsilon"] < full.epsilon_metrics(50)["epsilon"]
+
+
+def test_user_level_poisson_run_end_to_end(tmp_path):
+    config = apply_overrides(
+        debug.get_config(),
+        {
+            "rounds": 2,
+            "num_clients": 6,
+            "data.n_train": 240,
+            "data.n_test": 40,
+            "local.epochs": 1,
+            "client_sampling": "poisson",
+            "client_fraction": 0.5,
+            "dp.mode": "user_level",
+            "dp.target_epsilon": 10.0,
+            "dp.delta": 1e-3,
+        },
+    )
+    validate_config(config)
+    train_and_evaluate(config, tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[0]["epsilon"] < rows[1]["epsilon"] <= 10.0
+    assert all(0 <= r["clients"] <= 6 for r in rows)

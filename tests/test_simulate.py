@@ -185,3 +185,24 @@ def test_each_strategy_compiles_once_across_rounds_and_clients(tiny_model, tiny_
         for r in range(3):
             state, _ = sim.run_round(state, r)
         assert getattr(sim, fn)._cache_size() == 1
+
+
+def test_poisson_client_sampling_is_random_sized_and_strategy_independent(tiny_model, tiny_params):
+    algorithm = _algorithms(tiny_model)["fedavg"]
+    arrays = make_client_arrays(COUNTS * 4, n_slots=13)
+    sims = {
+        s: Simulator(algorithm, arrays, seed=4, strategy=s, chunk_size=6, poisson_rate=0.4)
+        for s in ("vmap", "chunked", "loop")
+    }
+    sizes = {len(sims["loop"].sample_clients(r)) for r in range(20)}
+    assert len(sizes) > 1  # the number of clients varies from round to round
+    assert np.array_equal(sims["loop"].sample_clients(3), sims["vmap"].sample_clients(3))
+    finals = []
+    for sim in sims.values():
+        state, metrics = sim.run_round(algorithm.init(tiny_params), 3)
+        finals.append(state.params)
+        assert metrics["clients"] == len(sim.sample_clients(3))
+    for params in finals[1:]:
+        chex_close(params, finals[0])
+    with pytest.raises(ValueError, match="poisson_rate"):
+        Simulator(algorithm, arrays, poisson_rate=1.5)

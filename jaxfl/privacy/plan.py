@@ -42,19 +42,27 @@ class PrivacyPlan(NamedTuple):
 
 
 def plan_privacy(
-    config: ml_collections.ConfigDict, client_sizes: np.ndarray, clients_per_round: int
+    config: ml_collections.ConfigDict,
+    client_sizes: np.ndarray,
+    clients_per_round: int,
+    poisson_rate: float | None = None,
 ) -> PrivacyPlan:
-    """Resolve ``config.dp`` for clients holding ``client_sizes`` training examples."""
+    """Resolve ``config.dp`` for clients holding ``client_sizes`` training examples.
+
+    Record-level and local-update epsilons assume a client takes part in every round (an upper
+    bound under client sampling); user-level DP is accounted with the Poisson client rate.
+    """
     dp = config.dp
     if dp.mode == "none":
         return PrivacyPlan("none", 0.0, 0.0, None, None, None)
     rounds, delta, acc = config.rounds, dp.delta, dp.accountant
     batch, epochs = config.local.batch_size, config.local.epochs
     num_clients = len(client_sizes)
-    if clients_per_round != num_clients and dp.mode != "local_update":
+    if dp.mode == "user_level" and poisson_rate is None and clients_per_round != num_clients:
         raise ValueError(
-            f"config.dp.mode={dp.mode!r} is accounted for clients taking part in every round; "
-            "set clients_per_round=0 and client_fraction=0 (all clients)."
+            "config.dp.mode='user_level' with client sampling needs Poisson sampling (what the "
+            "accountant assumes): set client_sampling='poisson' and client_fraction=q, or "
+            "clients_per_round=0 and client_fraction=0 for all clients every round."
         )
 
     if dp.mode == "record":
@@ -102,15 +110,16 @@ def plan_privacy(
         return PrivacyPlan("local_update", z, delta, None, update_dp, epsilons)
 
     if dp.mode == "user_level":
-        user_event = lambda z, r: accounting.user_level_event(z, 1.0, r)
+        q = 1.0 if poisson_rate is None else poisson_rate
+        user_event = lambda z, r: accounting.user_level_event(z, q, r)
         z = _noise(dp, _event_epsilon(user_event, rounds, delta, acc), delta, num_clients)
 
         def epsilons(r):
-            return np.array(
-                [accounting.epsilon(accounting.user_level_event(z, 1.0, r), delta, acc)]
-            )
+            return np.array([accounting.epsilon(user_event(z, r), delta, acc)])
 
-        update_dp = UpdateDP("central", dp.clip_norm, z * dp.clip_norm, float(clients_per_round))
+        # Fixed denominator: the expected number of clients, so one client moves the mean by
+        # at most C / (q K) whatever the realized sample.
+        update_dp = UpdateDP("central", dp.clip_norm, z * dp.clip_norm, q * num_clients)
         return PrivacyPlan("user_level", z, delta, None, update_dp, epsilons)
     raise ValueError(f"config.dp.mode={dp.mode!r}; choose one of {DP_MODES}.")
 
