@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--examples", type=int, default=64, help="examples per client (N)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--strategy", default="vmap")
+    p.add_argument(
+        "--microbatch", type=int, default=0, help="DP micro-batch size (0 = the batch size)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
@@ -70,10 +73,11 @@ def main(argv=None) -> list[dict]:
         params = model.init(jax.random.key(0), np.zeros((1, *shape), np.float32))["params"]
         loss = classification_loss(model.apply)
         kw = dict(batch_size=args.batch_size, epochs=1)
+        micro = args.microbatch or args.batch_size
         plain = fedavg(loss, optax.sgd(0.05), optax.sgd(1.0), **kw)
         dp = fedavg(
             loss, optax.sgd(0.05), optax.sgd(1.0),
-            dp=DPSGD(clip_norm=1.0, noise_multiplier=1.0, microbatch_size=args.batch_size), **kw,
+            dp=DPSGD(clip_norm=1.0, noise_multiplier=1.0, microbatch_size=micro), **kw,
         )  # fmt: skip
         nondp_rate = time_round(plain, arrays, params, args)
         dp_rate = time_round(dp, arrays, params, args)
@@ -85,6 +89,7 @@ def main(argv=None) -> list[dict]:
             "overhead": nondp_rate / dp_rate,
             "examples_per_client": args.examples,
             "batch_size": args.batch_size,
+            "microbatch_size": micro,
             "strategy": args.strategy,
             "backend": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind,
