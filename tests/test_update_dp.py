@@ -10,7 +10,8 @@ import pytest
 from helpers import make_client_arrays
 
 from jaxfl.algorithms import classification_loss, fedavg
-from jaxfl.privacy.update_dp import UpdateDP, add_gaussian_noise, clip_update, gaussian_std_for
+from jaxfl.privacy.accounting import seed_as_coded_noise_std
+from jaxfl.privacy.update_dp import UpdateDP, add_gaussian_noise, clip_update
 from jaxfl.simulate import Simulator, client_key
 from jaxfl.types import ClientData
 
@@ -95,4 +96,4 @@ def test_central_noise_is_added_once_to_the_sum(tiny_model, tiny_params):
 
 def test_flower_local_dp_formula():
     # Flower LocalDpMod: std = sensitivity * sqrt(2 ln(1.25 / delta)) / epsilon.
-    assert gaussian_std_for(6.0, 1.9e-4, 1.0) == pytest.approx(0.6996, abs=1e-3)
+    assert seed_as_coded_noise_std(1.0, 6.0, 1.9e-4) == pytest.approx(0.6996, abs=1e-3)

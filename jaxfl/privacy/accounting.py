@@ -89,5 +89,9 @@ def user_level_event(
 
 
 def seed_as_coded_noise_std(sensitivity: float = 1.0, epsilon_: float = 6.0, delta: float = 1.9e-4):
-    """The noise std Flower's ``LocalDpMod`` adds: ``sensitivity * sqrt(2 ln(1.25/δ)) / ε``."""
+    """The noise std Flower's ``LocalDpMod`` adds: ``sensitivity * sqrt(2 ln(1.25/δ)) / ε``.
+
+    The classic Gaussian-mechanism formula; a valid (ε, δ) bound only for ε < 1, and the seed
+    paper's code uses it with sensitivity 1 although its clipped updates have sensitivity C.
+    """
     return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon_

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -44,12 +43,3 @@ def add_gaussian_noise(tree: Params, std: float | jax.Array, key: PRNGKey) -> Pa
         x + std * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
     ]
     return jax.tree.unflatten(treedef, noised)
-
-
-def gaussian_std_for(epsilon: float, delta: float, sensitivity: float) -> float:
-    """Classic Gaussian-mechanism std ``sensitivity * sqrt(2 ln(1.25/delta)) / epsilon``.
-
-    This is the formula Flower's ``LocalDpMod`` uses (with sensitivity 1 in the seed paper's
-    code); it is only a valid (epsilon, delta) bound for epsilon < 1.
-    """
-    return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
