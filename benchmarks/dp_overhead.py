@@ -27,7 +27,7 @@ import optax
 from jaxfl.algorithms import classification_loss, fedavg
 from jaxfl.data import iid, stack_clients, synthetic_dataset
 from jaxfl.models import get_model
-from jaxfl.privacy.dp_sgd import DPSGD
+from jaxfl.privacy.dp_sgd import DPSGD, resolve_per_example
 from jaxfl.simulate import Simulator
 
 
@@ -36,11 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default="cnn,dpresnet")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--examples", type=int, default=64, help="examples per client (N)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--strategy", default="vmap")
     p.add_argument(
         "--microbatch", type=int, default=0, help="DP micro-batch size (0 = the batch size)"
     )
+    p.add_argument("--per-example", default="auto", help="auto | vmap | scan")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
@@ -77,7 +78,7 @@ def main(argv=None) -> list[dict]:
         plain = fedavg(loss, optax.sgd(0.05), optax.sgd(1.0), **kw)
         dp = fedavg(
             loss, optax.sgd(0.05), optax.sgd(1.0),
-            dp=DPSGD(clip_norm=1.0, noise_multiplier=1.0, microbatch_size=micro), **kw,
+            dp=DPSGD(1.0, 1.0, microbatch_size=micro, per_example=args.per_example), **kw,
         )  # fmt: skip
         nondp_rate = time_round(plain, arrays, params, args)
         dp_rate = time_round(dp, arrays, params, args)
@@ -90,6 +91,7 @@ def main(argv=None) -> list[dict]:
             "examples_per_client": args.examples,
             "batch_size": args.batch_size,
             "microbatch_size": micro,
+            "per_example": resolve_per_example(args.per_example),
             "strategy": args.strategy,
             "backend": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind,

@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
             delta=1e-5,
             accountant="rdp",  # rdp | pld (dp-accounting)
             microbatch_size=32,  # record mode: per-example gradients computed this many at once
+            # record mode: per-example gradients all at once ("vmap") or one at a time ("scan",
+            # faster on CPU); "auto" picks by backend. Same result either way.
+            per_example="auto",
             per_round_epsilon=0.0,  # local_update: > 0 calibrates each round to this epsilon
             seed_as_coded=False,  # local_update: Flower LocalDpMod noise (sensitivity 1)
             seed_epsilon=6.0,  # ...with this per-round epsilon, as the BloodMNIST code does

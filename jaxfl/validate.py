@@ -20,6 +20,7 @@ from jaxfl.factories import (
     clients_per_round,
 )
 from jaxfl.models import MODELS
+from jaxfl.privacy.dp_sgd import PER_EXAMPLE_MODES
 from jaxfl.privacy.plan import DP_MODES
 from jaxfl.simulate import STRATEGIES, num_sampled_clients
 from jaxfl.types import Dataset
@@ -125,6 +126,7 @@ def _validate_dp(config: ml_collections.ConfigDict, errors: list[str]) -> None:
     _choice(errors, "dp.accountant", dp.accountant, ("rdp", "pld"))
     _positive(errors, "dp.clip_norm", dp.clip_norm, float)
     _positive(errors, "dp.microbatch_size", dp.microbatch_size)
+    _choice(errors, "dp.per_example", dp.per_example, PER_EXAMPLE_MODES)
     if not 0 < dp.delta < 1:
         errors.append(f"config.dp.delta={dp.delta} must be in (0, 1), e.g. 1e-5.")
     if dp.target_epsilon < 0:

@@ -28,7 +28,7 @@ def _client(counts=(20,), n_slots=24, c=0):
     return ClientData(*(jnp.asarray(a[c]) for a in arrays))
 
 
-def _step(loss, params, data, key, noise=0.0, rate=0.5, micro=4):
+def _step(loss, params, data, key, noise=0.0, rate=0.5, micro=4, per_example="auto"):
     return dp_sgd_gradient(
         loss,
         params,
@@ -39,14 +39,17 @@ def _step(loss, params, data, key, noise=0.0, rate=0.5, micro=4):
         noise_multiplier=noise,
         expected_batch_size=8.0,
         microbatch_size=micro,
+        per_example=per_example,
     )
 
 
-def test_noiseless_step_equals_per_example_reference_loop(tiny_model, tiny_params):
+@pytest.mark.parametrize("per_example", ["vmap", "scan"])
+def test_noiseless_step_equals_per_example_reference_loop(tiny_model, tiny_params, per_example):
     loss = classification_loss(tiny_model.apply)
     data = _client()
     key = jax.random.key(3)
-    out = jax.jit(lambda p, d, k: _step(loss, p, d, k))(tiny_params, data, key)
+    step = jax.jit(lambda p, d, k: _step(loss, p, d, k, per_example=per_example))
+    out = step(tiny_params, data, key)
     order, count = poisson_order(jax.random.split(key)[0], data.mask, 0.5)
     selected = np.asarray(order)[: int(count)]
     assert 0 < len(selected) < int(data.count)
@@ -62,6 +65,24 @@ def test_noiseless_step_equals_per_example_reference_loop(tiny_model, tiny_param
     assert float(out.sensitivity) == CLIP
 
 
+def test_scan_and_vmap_per_example_paths_agree_on_every_output(tiny_model, tiny_params):
+    loss = classification_loss(tiny_model.apply)
+    data = _client()
+    outs = [
+        _step(loss, tiny_params, data, jax.random.key(5), noise=0.3, rate=0.7, per_example=mode)
+        for mode in ("vmap", "scan")
+    ]
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    assert float(outs[0].num_clipped) > 0  # the clipping branch was exercised
+
+
+def test_unknown_per_example_mode_is_refused(tiny_model, tiny_params):
+    with pytest.raises(ValueError, match="per_example must be one of"):
+        _step(classification_loss(tiny_model.apply), tiny_params, _client(), jax.random.key(0),
+              per_example="loop")  # fmt: skip
+
+
 def test_clipped_per_example_gradients_have_norm_at_most_c(tiny_model, tiny_params):
     loss = classification_loss(tiny_model.apply)
     data = _client()
@@ -74,14 +95,15 @@ def test_clipped_per_example_gradients_have_norm_at_most_c(tiny_model, tiny_para
         assert norm <= 0.01 * (1 + 1e-5)
 
 
-def test_padding_and_garbage_in_padding_change_nothing(tiny_model, tiny_params):
+@pytest.mark.parametrize("per_example", ["vmap", "scan"])
+def test_padding_and_garbage_in_padding_change_nothing(tiny_model, tiny_params, per_example):
     loss = classification_loss(tiny_model.apply)
     small = _client(n_slots=20)
     big = _client(n_slots=40)
     big = big._replace(images=big.images.at[20:].set(1e6), labels=big.labels.at[20:].set(2))
     key = jax.random.key(0)
-    a = _step(loss, tiny_params, small, key, noise=1.0)
-    b = _step(loss, tiny_params, big, key, noise=1.0)
+    a = _step(loss, tiny_params, small, key, noise=1.0, per_example=per_example)
+    b = _step(loss, tiny_params, big, key, noise=1.0, per_example=per_example)
     for x, y in zip(jax.tree.leaves(a.grad), jax.tree.leaves(b.grad), strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
 

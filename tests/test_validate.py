@@ -97,3 +97,8 @@ def test_bloodmnist_config_reads_an_official_format_file(tmp_path):
     fed = factories.build_federated_data(config, dataset)
     assert fed.train.num_clients == 10 and fed.num_classes == 8
     assert factories.build_model(config, fed.num_classes).__class__.__name__ == "DPResNet"
+
+
+def test_unknown_per_example_mode_in_record_dp():
+    with pytest.raises(ConfigError, match="config.dp.per_example='loop' is not known"):
+        validate_config(_config(**{"dp.mode": "record", "dp.per_example": "loop"}))

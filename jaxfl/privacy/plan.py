@@ -80,7 +80,12 @@ def plan_privacy(
             return epsilons_for(z, r)
 
         return PrivacyPlan(
-            "record", z, delta, DPSGD(dp.clip_norm, z, dp.microbatch_size), None, epsilons
+            "record",
+            z,
+            delta,
+            DPSGD(dp.clip_norm, z, dp.microbatch_size, dp.per_example),
+            None,
+            epsilons,
         )
 
     if dp.mode == "local_update":
