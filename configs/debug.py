@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
             # medmnist only: folder holding the .npz; empty = $JAXFL_DATA_DIR or ~/.medmnist
             data_dir="",
             size=28,
+            fallback="",  # medmnist only: "synthetic" = synthetic data if the file is missing
             num_classes=4,
             image_shape=(28, 28, 1),
             n_train=1200,
@@ -26,7 +27,12 @@ def get_config() -> ml_collections.ConfigDict:
         dict(name="dirichlet", alpha=1.0, sigma=1.0, classes_per_client=2, heldout_fraction=0.2)
     )
     config.model = ml_collections.ConfigDict(dict(name="cnn"))
-    config.algorithm = ml_collections.ConfigDict(dict(name="fedavg", mu=0.01))
+    # fedavg | fedprox (mu) | perfedavg_fo | perfedavg_hf | perfedavg_pppml (alpha: inner
+    # adaptation step, beta: outer step; plain SGD, config.local's optimizer is not used) |
+    # local (local-only baseline: every client trains alone)
+    config.algorithm = ml_collections.ConfigDict(
+        dict(name="fedavg", mu=0.01, alpha=1e-2, beta=1e-3)
+    )
     config.local = ml_collections.ConfigDict(
         dict(optimizer="adam", learning_rate=3e-3, momentum=0.0, batch_size=32, epochs=2)
     )
@@ -47,6 +53,18 @@ def get_config() -> ml_collections.ConfigDict:
             seed_as_coded=False,  # local_update: Flower LocalDpMod noise (sensitivity 1)
             seed_epsilon=6.0,  # ...with this per-round epsilon, as the BloodMNIST code does
         )
+    )
+    # Simulated scanner heterogeneity (jaxfl/data/heterogeneity.py), applied to each client's
+    # training and held-out data: `strength` in [0, 1] draws per-client shifts from `seed`
+    # (-1 = the run's seed); `preset="pppml_hmi"` gives 3D slice thickness 1/5/10; a config
+    # file may instead set `clients` to a list of per-client dicts.
+    config.heterogeneity = ml_collections.ConfigDict(
+        dict(strength=0.0, seed=-1, preset="", slice_mode="pad")
+    )
+    # Adapt-then-test: each client takes adapt_steps SGD steps of size adapt_lr on its own
+    # training data from the global model, then is tested on its held-out split.
+    config.personalization = ml_collections.ConfigDict(
+        dict(enabled=False, adapt_steps=1, adapt_lr=1e-2)
     )
     config.rounds = 10
     config.clients_per_round = 0  # clients sampled each round; 0 = all

@@ -10,12 +10,28 @@ import ml_collections
 import optax
 
 from jaxfl.algorithms import FederatedAlgorithm, classification_loss, fedavg, fedprox
-from jaxfl.data import build_federated, load_medmnist, partition, synthetic_dataset
+from jaxfl.algorithms.perfedavg import perfedavg
+from jaxfl.data import (
+    HELDOUT_STREAM,
+    TRAIN_STREAM,
+    AcquisitionShift,
+    apply_to_clients,
+    build_federated,
+    load_medmnist,
+    medmnist_path,
+    medmnist_url,
+    partition,
+    shifts_from_config,
+    synthetic_dataset,
+)
 from jaxfl.models import get_model
+from jaxfl.personalize import LocalOnly, PersonalizedEval, make_personalized_eval
 from jaxfl.privacy.plan import PrivacyPlan
-from jaxfl.types import Dataset, FederatedData
+from jaxfl.simulate import Simulator, resolve_strategy
+from jaxfl.types import ClientArrays, Dataset, FederatedData
 
-ALGORITHMS = ("fedavg", "fedprox")
+# "local" is the local-only baseline (no communication), run by LocalOnly, not a Simulator.
+ALGORITHMS = ("fedavg", "fedprox", "perfedavg_fo", "perfedavg_hf", "perfedavg_pppml", "local")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DATA_SOURCES = ("synthetic", "medmnist")
 # Which config.partition fields each partitioner takes.
@@ -29,22 +45,39 @@ PARTITION_ARGS = {
 
 
 def build_dataset(config: ml_collections.ConfigDict) -> Dataset:
-    """The centralized dataset named by ``config.data`` (synthetic or a MedMNIST ``.npz``)."""
+    """The centralized dataset named by ``config.data`` (synthetic or a MedMNIST ``.npz``).
+
+    With ``data.fallback="synthetic"``, a missing MedMNIST file is replaced by synthetic data
+    shaped by ``data.num_classes``/``image_shape``/``n_*``, with a warning; the dataset's name
+    (logged in every metrics line) then says so.
+    """
     data = config.data
-    if data.source == "synthetic":
-        return synthetic_dataset(
-            num_classes=data.num_classes,
-            image_shape=tuple(data.image_shape),
-            n_train=data.n_train,
-            n_val=data.n_val,
-            n_test=data.n_test,
-            seed=config.seed,
-            noise=data.noise,
-            name=data.name,
-        )
     if data.source == "medmnist":
-        return load_medmnist(data.name, data_dir=data.data_dir or None, size=data.size)
-    raise ValueError(f"config.data.source={data.source!r}; choose one of {DATA_SOURCES}.")
+        path = medmnist_path(data.name, data.data_dir or None, data.size)
+        if path.exists() or data.get("fallback", "") != "synthetic":
+            return load_medmnist(data.name, data_dir=data.data_dir or None, size=data.size)
+        logging.warning(
+            "%s not found: using SYNTHETIC data instead (config.data.fallback='synthetic'). "
+            "Results are not %s results. Official download: %s",
+            path,
+            data.name,
+            medmnist_url(data.name, data.size),
+        )
+        name = f"synthetic (no {data.name} file)"
+    elif data.source == "synthetic":
+        name = data.name
+    else:
+        raise ValueError(f"config.data.source={data.source!r}; choose one of {DATA_SOURCES}.")
+    return synthetic_dataset(
+        num_classes=data.num_classes,
+        image_shape=tuple(data.image_shape),
+        n_train=data.n_train,
+        n_val=data.n_val,
+        n_test=data.n_test,
+        seed=config.seed,
+        noise=data.noise,
+        name=name,
+    )
 
 
 def build_federated_data(config: ml_collections.ConfigDict, dataset: Dataset) -> FederatedData:
@@ -59,7 +92,39 @@ def build_federated_data(config: ml_collections.ConfigDict, dataset: Dataset) ->
     # paper's split uses numpy seed 42 whatever the run's seed).
     seed = p.get("seed", config.seed)
     indices = partition(p.name, dataset.train.labels, config.num_clients, seed, **kwargs)
-    return build_federated(dataset, indices, heldout_fraction=p.heldout_fraction, seed=config.seed)
+    fed = build_federated(dataset, indices, heldout_fraction=p.heldout_fraction, seed=config.seed)
+    shifts = build_shifts(config, is_3d=dataset.train.images.ndim == 5)
+    if all(s.is_identity for s in shifts):
+        return fed
+    # The same scanner shifts a client's training and held-out data (different noise draws);
+    # the global test split stays unshifted: it measures transfer to an unseen site.
+    return fed._replace(
+        train=apply_to_clients(fed.train, shifts, seed=config.seed, stream=TRAIN_STREAM),
+        heldout=apply_to_clients(fed.heldout, shifts, seed=config.seed, stream=HELDOUT_STREAM),
+    )
+
+
+def build_shifts(config: ml_collections.ConfigDict, *, is_3d: bool) -> list[AcquisitionShift]:
+    """Per-client acquisition shifts from ``config.heterogeneity`` (identity if absent).
+
+    Fields: ``clients`` (a list of per-client dicts, explicit), else ``preset`` (e.g.
+    ``"pppml_hmi"``: slice thickness 1/5/10), else ``strength`` > 0 (drawn per client from
+    ``seed``, default the run's seed). See :mod:`jaxfl.data.heterogeneity`.
+    """
+    h = config.get("heterogeneity")
+    spec = None
+    if h is not None and h.get("clients"):
+        spec = [dict(c) for c in h.clients]
+    elif h is not None and h.get("preset"):
+        spec = {"preset": h.preset, "slice_mode": h.get("slice_mode", "pad")}
+    elif h is not None and h.get("strength"):
+        seed = h.get("seed", -1)
+        spec = {
+            "strength": h.strength.to_dict() if hasattr(h.strength, "to_dict") else h.strength,
+            "seed": config.seed if seed is None or seed < 0 else seed,
+            "slice_mode": h.get("slice_mode", "pad"),
+        }
+    return shifts_from_config(spec, config.num_clients, is_3d=is_3d, seed=config.seed)
 
 
 def clients_per_round(config: ml_collections.ConfigDict) -> int | float:
@@ -98,7 +163,80 @@ def build_algorithm(
         return fedavg(loss, client_opt, server_opt, **kw)
     if name == "fedprox":
         return fedprox(loss, client_opt, server_opt, mu=config.algorithm.mu, **kw)
+    if name.startswith("perfedavg_") and name in ALGORITHMS:
+        if privacy is not None and (privacy.dp_sgd or privacy.update_dp):
+            raise ValueError("Per-FedAvg runs without DP; set config.dp.mode='none'.")
+        return perfedavg(
+            loss,
+            server_opt,
+            batch_size=config.local.batch_size,
+            epochs=config.local.epochs,
+            alpha=config.algorithm.alpha,
+            beta=config.algorithm.beta,
+            variant=name.removeprefix("perfedavg_"),
+        )
+    if name == "local":
+        raise ValueError("algorithm 'local' has no federated algorithm; use build_runner.")
     raise ValueError(f"config.algorithm.name={name!r}; choose one of {ALGORITHMS}.")
+
+
+def map_batch(config: ml_collections.ConfigDict, num_clients: int) -> int | None:
+    """How many clients ``lax.map`` vmaps at once: None (one by one) under ``loop``."""
+    strategy = resolve_strategy(config.strategy)
+    if strategy == "loop":
+        return None
+    return num_clients if strategy == "vmap" else min(config.chunk_size, num_clients)
+
+
+def build_runner(
+    config: ml_collections.ConfigDict,
+    model,
+    train: ClientArrays,
+    privacy: PrivacyPlan | None,
+    sampling: int | float,
+    rate: float | None,
+) -> tuple[Simulator | LocalOnly, FederatedAlgorithm | None]:
+    """The round runner: a :class:`Simulator` over the algorithm, or :class:`LocalOnly`."""
+    if config.algorithm.name == "local":
+        runner = LocalOnly(
+            classification_loss(model.apply),
+            build_optimizer(config.local),
+            train,
+            batch_size=config.local.batch_size,
+            epochs=config.local.epochs,
+            seed=config.seed,
+            map_batch=map_batch(config, train.num_clients),
+        )
+        return runner, None
+    algorithm = build_algorithm(config, model, privacy)
+    sim = Simulator(
+        algorithm,
+        train,
+        seed=config.seed,
+        strategy=config.strategy,
+        chunk_size=config.chunk_size,
+        clients_per_round=sampling,
+        poisson_rate=rate,
+    )
+    return sim, algorithm
+
+
+def build_personalized_eval(
+    config: ml_collections.ConfigDict, model, num_clients: int
+) -> PersonalizedEval | None:
+    """Adapt-then-test evaluation from ``config.personalization`` (None when disabled)."""
+    p = config.get("personalization")
+    if p is None or not p.enabled or config.algorithm.name == "local":
+        return None
+    return make_personalized_eval(
+        classification_loss(model.apply),
+        model.apply,
+        adapt_steps=p.adapt_steps,
+        adapt_lr=p.adapt_lr,
+        batch_size=config.local.batch_size,
+        seed=config.seed,
+        map_batch=map_batch(config, num_clients),
+    )
 
 
 def init_params(model, sample_images: jax.Array, key: jax.Array):

@@ -165,6 +165,10 @@ class Simulator:
         if self.strategy == "loop" and jax.default_backend() == "cpu":
             tune_cpu_malloc()
 
+    def init(self, params: Params) -> ServerState:
+        """The algorithm's initial server state for global ``params``."""
+        return self.algorithm.init(params)
+
     def sample_clients(self, round_idx: int) -> np.ndarray:
         """Sorted ids of the clients taking part in ``round_idx``."""
         if self.poisson_rate is not None:

@@ -20,7 +20,7 @@ from jaxfl.checkpoint import Checkpointer, check_same_config
 from jaxfl.evaluate import evaluate_clients, evaluate_global, make_predict_fn
 from jaxfl.metrics import read_metrics
 from jaxfl.privacy.plan import plan_privacy
-from jaxfl.simulate import INIT_STREAM, Simulator, num_sampled_clients
+from jaxfl.simulate import INIT_STREAM, num_sampled_clients
 from jaxfl.validate import validate_config, validate_dataset
 
 
@@ -73,20 +73,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         num_sampled_clients(sampling, config.num_clients),
         poisson_rate=rate,
     )
-    algorithm = factories.build_algorithm(config, model, privacy)
+    runner, algorithm = factories.build_runner(config, model, fed.train, privacy, sampling, rate)
     init_key = jax.random.fold_in(jax.random.key(config.seed), INIT_STREAM)
     params = factories.init_params(model, fed.train.images[0], init_key)
-    sim = Simulator(
-        algorithm,
-        fed.train,
-        seed=config.seed,
-        strategy=config.strategy,
-        chunk_size=config.chunk_size,
-        clients_per_round=sampling,
-        poisson_rate=rate,
-    )
+    personalized_eval = factories.build_personalized_eval(config, model, fed.train.num_clients)
     predict_fn = make_predict_fn(model.apply)
-    state = algorithm.init(params)
+    state = runner.init(params)
 
     checkpointer = Checkpointer(workdir, config.checkpoint_every)
     start_round = min(checkpointer.latest_round(), config.rounds)
@@ -96,11 +88,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         logging.info("Resuming %s from the checkpoint after round %d", workdir, start_round)
     logging.info(
         "%s on %s: %d clients (%d per round), strategy %s, rounds %d..%d",
-        algorithm.name,
+        config.algorithm.name,
         fed.name,
-        sim.num_clients,
-        sim.per_round,
-        sim.strategy,
+        runner.num_clients,
+        runner.per_round,
+        runner.strategy,
         start_round + 1,
         config.rounds,
     )
@@ -118,17 +110,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     try:
         for r in bar:
             round_start = time.perf_counter()
-            state, metrics = sim.run_round(state, r)
-            metrics = {"round": r + 1, **metrics}
+            state, metrics = runner.run_round(state, r)
+            metrics = {"round": r + 1, "dataset": fed.name, **metrics}
             if (r + 1) % config.eval_every == 0 or r + 1 == config.rounds:
-                metrics.update(
-                    evaluate_global(predict_fn, state.params, fed.test, config.eval_batch_size)
-                )
-                per_client = evaluate_clients(
-                    predict_fn, state.params, fed.heldout, config.eval_batch_size
-                )
-                metrics["heldout_accuracy_mean"] = float(np.nanmean(per_client))
-                metrics["heldout_accuracy"] = per_client
+                if algorithm is None:  # local-only: each client's own model, nothing global
+                    per_client = runner.evaluate(state, fed.heldout, model.apply)
+                    metrics.update(_per_client("personalized_accuracy", per_client))
+                else:
+                    metrics.update(
+                        evaluate_global(predict_fn, state.params, fed.test, config.eval_batch_size)
+                    )
+                    per_client = evaluate_clients(
+                        predict_fn, state.params, fed.heldout, config.eval_batch_size
+                    )
+                    metrics.update(_per_client("heldout_accuracy", per_client))
+                if personalized_eval is not None:
+                    per_client = personalized_eval(state.params, fed.train, fed.heldout, r)
+                    metrics.update(_per_client("personalized_accuracy", per_client))
             metrics.update(privacy.epsilon_metrics(r + 1))
             metrics["round_time_s"] = time.perf_counter() - round_start
             metrics["wall_time_s"] = elapsed_before + time.perf_counter() - start
@@ -142,9 +140,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return metrics
 
 
+def _per_client(name: str, values: np.ndarray) -> dict[str, Any]:
+    """Per-client values ``[K]`` under ``name`` plus their mean and std over clients."""
+    return {
+        f"{name}_mean": float(np.nanmean(values)),
+        f"{name}_std": float(np.nanstd(values)),
+        name: values,
+    }
+
+
 def _report(bar, metrics: dict[str, Any], rounds: int) -> None:
     """Show a round's loss/accuracy on the progress bar, or as a log line without one."""
-    summary = {k: metrics[k] for k in ("train_loss", "test_accuracy") if metrics.get(k) is not None}
+    keys = ("train_loss", "test_accuracy", "personalized_accuracy_mean")
+    summary = {k: metrics[k] for k in keys if metrics.get(k) is not None}
     if bar.disable:
         logging.info(
             "round %d/%d %s (%.1fs)",

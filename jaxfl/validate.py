@@ -17,6 +17,7 @@ from jaxfl.factories import (
     DATA_SOURCES,
     OPTIMIZERS,
     PARTITION_ARGS,
+    build_shifts,
     clients_per_round,
 )
 from jaxfl.models import MODELS
@@ -89,7 +90,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         except ValueError as e:
             errors.append(f"config.{e}")
     _validate_dp(config, errors)
-    if config.data.source == "medmnist":
+    _validate_personalization(config, errors)
+    if config.data.source == "medmnist" and config.data.get("fallback", "") != "synthetic":
         path = medmnist_path(config.data.name, config.data.data_dir or None, config.data.size)
         if not path.exists():
             raise MissingDataError(missing_data_message(path, config.data.name, config.data.size))
@@ -113,8 +115,39 @@ def validate_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> Non
             f"pixels per side, but {dataset.name} images are {spatial}; use larger images "
             "(e.g. config.data.size) or another model."
         )
+    try:
+        build_shifts(config, is_3d=dataset.train.images.ndim == 5)
+    except ValueError as e:
+        errors.append(f"config.heterogeneity: {e}")
     if errors:
         raise ConfigError("Invalid config for this data:\n  - " + "\n  - ".join(errors))
+
+
+def _validate_personalization(config: ml_collections.ConfigDict, errors: list[str]) -> None:
+    """Per-FedAvg steps, adapt-then-test evaluation and the local-only baseline's constraints."""
+    name = config.algorithm.name
+    if name.startswith("perfedavg"):
+        if not config.algorithm.alpha >= 0:
+            errors.append(f"config.algorithm.alpha={config.algorithm.alpha} must be >= 0.")
+        _positive(errors, "algorithm.beta", config.algorithm.beta, float)
+    if (name.startswith("perfedavg") or name == "local") and config.dp.mode != "none":
+        errors.append(
+            f"config.dp.mode={config.dp.mode!r} is not supported with algorithm {name!r}; "
+            "use dp.mode='none' (DP is implemented for fedavg/fedprox)."
+        )
+    if name == "local" and (config.clients_per_round or config.client_fraction):
+        errors.append(
+            "algorithm 'local' trains every client every round; set clients_per_round=0 and "
+            "client_fraction=0."
+        )
+    p = config.get("personalization")
+    if p is not None and p.enabled:
+        if not (isinstance(p.adapt_steps, int) and p.adapt_steps >= 0):
+            errors.append(
+                f"config.personalization.adapt_steps={p.adapt_steps} must be an int >= 0."
+            )
+        if p.adapt_steps and not p.adapt_lr > 0:
+            errors.append(f"config.personalization.adapt_lr={p.adapt_lr} must be > 0.")
 
 
 def _validate_dp(config: ml_collections.ConfigDict, errors: list[str]) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxfl.types import ClientArrays
+from jaxfl.simulate import CLIENT_STREAM, client_key
+from jaxfl.types import ClientArrays, ClientData
 
 
 class TinyMLP(nn.Module):
@@ -34,3 +37,40 @@ def make_client_arrays(counts, n_slots=None, shape=(4, 4, 1), num_classes=3, see
         labels[c, :n] = rng.integers(0, num_classes, size=n)
         mask[c, :n] = 1.0
     return ClientArrays(images, labels, mask, np.asarray(counts, np.int32))
+
+
+def reference_round(algorithm, params, arrays, ids, seed, round_idx):
+    """Plain Python loop over clients on UNPADDED data, numpy weighted mean, then server update."""
+    state = algorithm.init(params)
+    stream = jax.random.fold_in(jax.random.key(seed), CLIENT_STREAM)
+    updates, weights = [], []
+    for c in ids:
+        n = int(arrays.counts[c])
+        data = ClientData(
+            jnp.asarray(arrays.images[c, :n]),
+            jnp.asarray(arrays.labels[c, :n]),
+            jnp.ones(n),
+            jnp.int32(n),
+        )
+        out = jax.jit(algorithm.client_update)(
+            params, data, client_key(stream, jnp.int32(round_idx), jnp.int32(c))
+        )
+        updates.append(jax.tree.map(np.asarray, out.update))
+        weights.append(float(out.weight))
+    w = np.asarray(weights) / sum(weights)
+    mean = jax.tree.map(lambda *u: sum(wi * ui for wi, ui in zip(w, u, strict=True)), *updates)
+    return algorithm.server_update(state, mean)
+
+
+def assert_trees_close(a, b, atol=1e-5):
+    """Leafwise allclose of two pytrees."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5)
+
+
+def max_abs_diff(a, b) -> float:
+    """The largest leafwise absolute difference between two pytrees."""
+    return max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max())
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )

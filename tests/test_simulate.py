@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import make_client_arrays
+from helpers import assert_trees_close, make_client_arrays, reference_round
 
 from jaxfl.algorithms import classification_loss, fedavg, fedprox
 from jaxfl.simulate import (
-    CLIENT_STREAM,
     Simulator,
     client_key,
     num_sampled_clients,
@@ -32,45 +31,17 @@ def _algorithms(model):
     }
 
 
-def _reference_round(algorithm, params, arrays, ids, seed, round_idx):
-    """Plain Python loop over clients on UNPADDED data, numpy weighted mean, then server update."""
-    state = algorithm.init(params)
-    stream = jax.random.fold_in(jax.random.key(seed), CLIENT_STREAM)
-    updates, weights = [], []
-    for c in ids:
-        n = int(arrays.counts[c])
-        data = ClientData(
-            jnp.asarray(arrays.images[c, :n]),
-            jnp.asarray(arrays.labels[c, :n]),
-            jnp.ones(n),
-            jnp.int32(n),
-        )
-        out = jax.jit(algorithm.client_update)(
-            params, data, client_key(stream, jnp.int32(round_idx), jnp.int32(c))
-        )
-        updates.append(jax.tree.map(np.asarray, out.update))
-        weights.append(float(out.weight))
-    w = np.asarray(weights) / sum(weights)
-    mean = jax.tree.map(lambda *u: sum(wi * ui for wi, ui in zip(w, u, strict=True)), *updates)
-    return algorithm.server_update(state, mean)
-
-
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam"])
 def test_round_matches_python_loop_reference(tiny_model, tiny_params, name):
     algorithm = _algorithms(tiny_model)[name]
     arrays = make_client_arrays(COUNTS, n_slots=16)
-    ref = _reference_round(algorithm, tiny_params, arrays, range(len(COUNTS)), 3, 0)
+    ref = reference_round(algorithm, tiny_params, arrays, range(len(COUNTS)), 3, 0)
     for strategy in ("vmap", "chunked", "loop"):
         sim = Simulator(algorithm, arrays, seed=3, strategy=strategy, chunk_size=2)
         state, metrics = sim.run_round(algorithm.init(tiny_params), 0)
-        chex_close(state.params, ref.params)
+        assert_trees_close(state.params, ref.params)
         assert metrics["clients"] == len(COUNTS)
         assert np.isfinite(metrics["train_loss"])
-
-
-def chex_close(a, b, atol=1e-5):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5)
 
 
 def test_strategies_agree_over_rounds_with_sampling(tiny_model, tiny_params):
@@ -87,7 +58,7 @@ def test_strategies_agree_over_rounds_with_sampling(tiny_model, tiny_params):
         finals[(strategy, chunk)] = state.params
     ref = finals[("vmap", 64)]
     for params in finals.values():
-        chex_close(params, ref)
+        assert_trees_close(params, ref)
 
 
 def test_padding_does_not_change_results(tiny_model, tiny_params):
@@ -99,7 +70,7 @@ def test_padding_does_not_change_results(tiny_model, tiny_params):
         sim = Simulator(algorithm, arrays, seed=0, strategy="vmap")
         state, metrics = sim.run_round(algorithm.init(tiny_params), 0)
         out.append((state.params, metrics))
-    chex_close(out[0][0], out[1][0])
+    assert_trees_close(out[0][0], out[1][0])
     assert out[0][1]["train_loss"] == pytest.approx(out[1][1]["train_loss"], rel=1e-5)
 
 
@@ -114,7 +85,7 @@ def test_padded_examples_are_ignored_even_if_garbage(tiny_model, tiny_params):
     for arrays in (clean, dirty):
         sim = Simulator(algorithm, arrays, seed=0, strategy="loop")
         results.append(sim.run_round(algorithm.init(tiny_params), 0)[0].params)
-    chex_close(results[0], results[1])
+    assert_trees_close(results[0], results[1])
 
 
 def test_local_steps_follow_real_client_size(tiny_model, tiny_params):
@@ -203,6 +174,6 @@ def test_poisson_client_sampling_is_random_sized_and_strategy_independent(tiny_m
         finals.append(state.params)
         assert metrics["clients"] == len(sim.sample_clients(3))
     for params in finals[1:]:
-        chex_close(params, finals[0])
+        assert_trees_close(params, finals[0])
     with pytest.raises(ValueError, match="poisson_rate"):
         Simulator(algorithm, arrays, poisson_rate=1.5)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from configs import debug
+from jaxfl import factories
 from jaxfl.train import train_and_evaluate
 
 REQUIRED = {"round", "train_loss", "test_accuracy", "test_auc", "test_loss", "wall_time_s"}
@@ -34,3 +35,58 @@ def test_metrics_jsonl_has_one_line_per_round(debug_run):
         assert len(m["heldout_accuracy"]) == config.num_clients
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
     assert json.loads((workdir / "config.json").read_text())["num_clients"] == config.num_clients
+
+
+def _small(**overrides):
+    config = debug.get_config()
+    config.rounds = 2
+    config.num_clients = 4
+    config.data.n_train = 240
+    config.data.n_test = 80
+    config.local.epochs = 1
+    config.checkpoint_every = 0
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+@pytest.mark.parametrize("name", ["perfedavg_fo", "fedprox"])
+def test_personalized_evaluation_is_logged_next_to_the_global_model(tmp_path, name):
+    config = _small(**{"algorithm.name": name, "personalization.enabled": True})
+    final = train_and_evaluate(config, tmp_path)
+    assert len(final["personalized_accuracy"]) == config.num_clients
+    assert 0 <= final["personalized_accuracy_mean"] <= 1
+    assert final["personalized_accuracy_std"] >= 0
+    assert final.keys() >= {"test_accuracy", "heldout_accuracy_mean", "heldout_accuracy_std"}
+
+
+def test_local_only_baseline_reports_per_client_models_only(tmp_path):
+    final = train_and_evaluate(_small(**{"algorithm.name": "local"}), tmp_path)
+    assert len(final["personalized_accuracy"]) == 4
+    assert "test_accuracy" not in final and "heldout_accuracy" not in final
+    assert final["local_steps_mean"] > 0
+
+
+def test_heterogeneity_shifts_client_data_but_not_the_test_split():
+    plain = _small()
+    shifted = _small(**{"heterogeneity.strength": 0.8})
+    dataset = factories.build_dataset(plain)
+    a = factories.build_federated_data(plain, dataset)
+    b = factories.build_federated_data(shifted, dataset)
+    assert (a.train.images != b.train.images).any() and (a.heldout.images != b.heldout.images).any()
+    assert (a.train.labels == b.train.labels).all() and (a.test.images == b.test.images).all()
+    pad = b.train.mask == 0
+    assert (b.train.images[pad] == 0).all()
+
+
+def test_missing_medmnist_file_can_fall_back_to_synthetic_with_a_warning(tmp_path, caplog):
+    config = _small(**{"data.source": "medmnist", "data.name": "bloodmnist",
+                       "data.data_dir": str(tmp_path), "data.fallback": "synthetic"})  # fmt: skip
+    with caplog.at_level("WARNING"):
+        dataset = factories.build_dataset(config)
+    assert dataset.name == "synthetic (no bloodmnist file)"
+    assert "SYNTHETIC" in caplog.text and "zenodo" in caplog.text.lower()

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 from jaxfl.data.federated import build_federated, split_heldout, stack_clients
+from jaxfl.data.heterogeneity import (
+    HELDOUT_STREAM,
+    TRAIN_STREAM,
+    AcquisitionShift,
+    apply_shift,
+    apply_to_clients,
+    sample_shifts,
+    scanner_presets,
+    shifts_from_config,
+)
 from jaxfl.data.medmnist import (
     DATA_DIR_ENV,
     MEDMNIST_INFO,
@@ -28,6 +38,14 @@ from jaxfl.data.partition import (
 from jaxfl.data.synthetic import make_synthetic_arrays, synthetic_dataset, write_npz
 
 __all__ = [
+    "HELDOUT_STREAM",
+    "TRAIN_STREAM",
+    "AcquisitionShift",
+    "apply_shift",
+    "apply_to_clients",
+    "sample_shifts",
+    "scanner_presets",
+    "shifts_from_config",
     "DATA_DIR_ENV",
     "MEDMNIST_INFO",
     "PARTITIONERS",
