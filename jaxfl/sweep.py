@@ -35,9 +35,15 @@ SUMMARY_FIELDS = (
     "best_test_accuracy",
     "best_round",
     "final_test_auc",
+    "final_heldout_accuracy_mean",
+    "final_heldout_accuracy_std",
+    "final_personalized_accuracy_mean",
+    "final_personalized_accuracy_std",
     "wall_time_s",
     "error",
 )
+# Shown only when some run has them (personalized evaluation is opt-in).
+OPTIONAL_FIELDS = ("final_personalized_accuracy_mean", "final_personalized_accuracy_std")
 _MAX_NAME = 120  # well under the usual 255-byte file-name limit, leaving room for a hash
 _TRUE = ("true", "yes", "1")
 _FALSE = ("false", "no", "0")
@@ -253,6 +259,11 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
         "best_test_accuracy": best["test_accuracy"] if best else None,
         "best_round": best["round"] if best else None,
         "final_test_auc": _last(rows, "test_auc"),
+        **{
+            f"final_{name}_{stat}": _last(rows, f"{name}_{stat}")
+            for name in ("heldout_accuracy", "personalized_accuracy")
+            for stat in ("mean", "std")
+        },
         "wall_time_s": _last(rows, "wall_time_s"),
         "error": record.get("error"),
     }
@@ -263,10 +274,18 @@ def summarize(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
     return [summarize_run(d) for d in run_dirs]
 
 
-def _columns(rows: Sequence[dict]) -> list[str]:
-    """``run``, then the swept keys in first-seen order, then :data:`SUMMARY_FIELDS`."""
+def _columns(rows: Sequence[dict], compact: bool = True) -> list[str]:
+    """``run``, then the swept keys in first-seen order, then :data:`SUMMARY_FIELDS`.
+
+    ``compact`` drops the :data:`OPTIONAL_FIELDS` no row has (for the markdown table).
+    """
     swept = dict.fromkeys(k for row in rows for k in row if k != "run" and k not in SUMMARY_FIELDS)
-    return ["run", *swept, *SUMMARY_FIELDS]
+    shown = [
+        f
+        for f in SUMMARY_FIELDS
+        if not compact or f not in OPTIONAL_FIELDS or any(row.get(f) is not None for row in rows)
+    ]
+    return ["run", *swept, *shown]
 
 
 def _md_cell(key: str, value: Any) -> str:
@@ -299,7 +318,7 @@ def write_summary(rows: Sequence[dict], directory: str | Path) -> str:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=_columns(rows))
+        writer = csv.DictWriter(f, fieldnames=_columns(rows, compact=False))
         writer.writeheader()
         writer.writerows(
             # Tuple values (stored as JSON lists) in the same 28x28x1 form as the run names.

@@ -151,6 +151,21 @@ def test_summarize_fake_runs(tmp_path):
     assert table[0]["final_test_accuracy"] == "0.7" and table[2]["error"] == "Boom: x\ny|z"
 
 
+def test_summary_shows_personalized_accuracy_only_when_logged(tmp_path):
+    _fake_metrics(tmp_path / "global", [0.5, 0.6])
+    assert "personalized" not in write_summary(summarize([tmp_path / "global"]), tmp_path)
+    run = tmp_path / "personal"
+    _fake_metrics(run, [0.5, 0.6])
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    last = {**json.loads(lines[-1]), "personalized_accuracy_mean": 0.9,
+            "personalized_accuracy_std": 0.05}  # fmt: skip
+    (run / "metrics.jsonl").write_text(lines[0] + "\n" + json.dumps(last) + "\n")
+    rows = summarize([tmp_path / "global", run])
+    assert rows[1]["final_personalized_accuracy_mean"] == 0.9
+    assert rows[0]["final_personalized_accuracy_mean"] is None
+    assert "final_personalized_accuracy_std" in write_summary(rows, tmp_path).splitlines()[0]
+
+
 def _fake_train(calls: list[str], fail: str | None = None):
     """A train_fn that logs ``config.rounds`` rounds, or raises if the algorithm is ``fail``."""
 
