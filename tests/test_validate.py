@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from configs import debug
+from configs import debug, perfedavg_hetero
 from jaxfl.data import MissingDataError, synthetic_dataset
 from jaxfl.sweep import apply_overrides
 from jaxfl.validate import ConfigError, validate_config, validate_dataset
@@ -102,3 +102,33 @@ def test_bloodmnist_config_reads_an_official_format_file(tmp_path):
 def test_unknown_per_example_mode_in_record_dp():
     with pytest.raises(ConfigError, match="config.dp.per_example='loop' is not known"):
         validate_config(_config(**{"dp.mode": "record", "dp.per_example": "loop"}))
+
+
+def test_perfedavg_hetero_config_validates_and_falls_back_to_synthetic(tmp_path):
+    config = perfedavg_hetero.get_config()
+    config.data.data_dir = str(tmp_path)  # no bloodmnist.npz here
+    validate_config(config)
+    config.data.fallback = ""
+    with pytest.raises(MissingDataError, match="bloodmnist.npz"):
+        validate_config(config)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"algorithm.name": "perfedavg_fo", "algorithm.beta": 0.0}, "algorithm.beta=0.0"),
+        ({"algorithm.name": "perfedavg_hf", "dp.mode": "record"}, "not supported with algorithm"),
+        ({"algorithm.name": "local", "clients_per_round": 2}, "trains every client every round"),
+        ({"personalization.enabled": True, "personalization.adapt_lr": 0.0}, "adapt_lr=0.0"),
+    ],
+)
+def test_personalization_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(_config(**overrides))
+
+
+def test_heterogeneity_spec_errors_name_the_field():
+    config = _config(**{"heterogeneity.preset": "pppml_hmi"})  # slice thickness needs 3D data
+    dataset = synthetic_dataset(4, (28, 28, 1), n_train=100, n_val=0, n_test=10)
+    with pytest.raises(ConfigError, match="config.heterogeneity: .*slice_thickness"):
+        validate_dataset(config, dataset)
