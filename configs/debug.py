@@ -66,6 +66,29 @@ def get_config() -> ml_collections.ConfigDict:
     config.personalization = ml_collections.ConfigDict(
         dict(enabled=False, adapt_steps=1, adapt_lr=1e-2)
     )
+    # Secure aggregation on the host (jaxfl/secure): plain (in-jit weighted mean) | secagg
+    # (SecAgg+) | ckks (CKKS sum by the server) | ckks_ring (PPPML-HMI's cyclic ring).
+    config.secure = ml_collections.ConfigDict(
+        dict(
+            aggregator="plain",
+            max_weight=0.0,  # public bound on client weights; 0 = the largest client's count
+            secagg=dict(
+                threshold=0.66,  # Shamir t: an int, or a fraction of the k + 1 shares
+                neighbours=0,  # k; 0 = complete graph, else an even number >= 2
+                clip_range=8.0,  # Flower's SecAgg+ defaults: clip to +-8, 2^22 levels, mod 2^32
+                quantization_bits=22,
+                modulus_bits=32,
+                dropout_probs=(0.0, 0.0, 0.0),  # per stage: keys, shares, masked input
+            ),
+            ckks=dict(
+                poly_modulus_degree=8192,
+                coeff_mod_bit_sizes=(60, 60),
+                global_scale_bits=40,
+                symmetric=True,
+                ring_sigma=1e4,  # ckks_ring: std of the initiator's mask R (PPPML-HMI)
+            ),
+        )
+    )
     config.rounds = 10
     config.clients_per_round = 0  # clients sampled each round; 0 = all
     config.client_fraction = 0.0  # or a fraction of clients in (0, 1]; 0 = use clients_per_round

@@ -7,6 +7,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from jaxfl.algorithms import FederatedAlgorithm, classification_loss, fedavg, fedprox
@@ -27,6 +28,7 @@ from jaxfl.data import (
 from jaxfl.models import get_model
 from jaxfl.personalize import LocalOnly, PersonalizedEval, make_personalized_eval
 from jaxfl.privacy.plan import PrivacyPlan
+from jaxfl.secure.aggregators import HostAggregator, make_host_aggregator
 from jaxfl.simulate import Simulator, resolve_strategy
 from jaxfl.types import ClientArrays, Dataset, FederatedData
 
@@ -188,6 +190,29 @@ def map_batch(config: ml_collections.ConfigDict, num_clients: int) -> int | None
     return num_clients if strategy == "vmap" else min(config.chunk_size, num_clients)
 
 
+def build_host_aggregator(
+    config: ml_collections.ConfigDict, counts: np.ndarray
+) -> HostAggregator | None:
+    """The secure aggregator named by ``config.secure.aggregator`` (None for ``plain``).
+
+    Client weights are example counts, which FedAvg treats as public; ``max_weight = 0`` uses
+    the largest client's count as the public bound every client pre-scales by.
+    """
+    sec = config.get("secure")
+    if sec is None or sec.aggregator == "plain":
+        return None
+    max_weight = float(sec.max_weight or np.max(counts))
+    if sec.aggregator == "secagg":
+        opts = sec.secagg.to_dict()
+        opts["neighbours"] = opts["neighbours"] or None  # 0 = complete graph
+        return make_host_aggregator("secagg", seed=config.seed, max_weight=max_weight, **opts)
+    opts = sec.ckks.to_dict()
+    sigma = opts.pop("ring_sigma")
+    if sec.aggregator == "ckks_ring":
+        opts["sigma"] = sigma
+    return make_host_aggregator(sec.aggregator, seed=config.seed, max_weight=max_weight, **opts)
+
+
 def build_runner(
     config: ml_collections.ConfigDict,
     model,
@@ -217,6 +242,7 @@ def build_runner(
         chunk_size=config.chunk_size,
         clients_per_round=sampling,
         poisson_rate=rate,
+        host_aggregator=build_host_aggregator(config, np.asarray(train.counts)),
     )
     return sim, algorithm
 

@@ -14,22 +14,30 @@ A round is a pure function of (server state, client data, round index). How the 
 
 All strategies compute the same weighted mean (up to float summation order) because every
 client's key is ``fold_in(fold_in(client_stream, round), client_id)``.
+
+With a ``host_aggregator`` (secure aggregation), the strategy's jitted step returns every
+client's flattened update ``[K, D]`` instead of their sum; the host protects and aggregates them
+(numpy in, numpy out, :mod:`jaxfl.secure`) and a jitted server update applies the mean.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
-from jaxfl.algorithms.base import FederatedAlgorithm, ServerState
+from jaxfl.algorithms.base import FederatedAlgorithm, ServerState, weighted_mean
 from jaxfl.runtime import tune_cpu_malloc
 from jaxfl.tree import tree_add, tree_scale, tree_sum_axis0
 from jaxfl.types import ClientArrays, ClientData, Params
+
+if TYPE_CHECKING:
+    from jaxfl.secure.aggregators import HostAggregator
 
 STRATEGIES = ("vmap", "chunked", "loop")
 
@@ -134,8 +142,15 @@ class Simulator:
         chunk_size: int = 64,
         clients_per_round: int | float | None = None,
         poisson_rate: float | None = None,
+        host_aggregator: HostAggregator | None = None,
     ):
         chex.assert_equal_shape_prefix(tuple(train), 1)
+        if host_aggregator is not None and algorithm.aggregate is not weighted_mean:
+            raise ValueError(
+                f"{algorithm.name} aggregates with its own server-side rule (central DP adds "
+                "noise to the sum), which host secure aggregation would bypass; use "
+                "dp.mode='local_update' or 'record' with secure aggregation."
+            )
         if poisson_rate is not None and not 0 < poisson_rate <= 1:
             raise ValueError(f"poisson_rate must be in (0, 1], got {poisson_rate}.")
         if chunk_size < 1:
@@ -162,6 +177,11 @@ class Simulator:
         self._loop_step = jax.jit(self._loop_step_impl, donate_argnums=0)
         self._loop_finish = jax.jit(functools.partial(_finish, algorithm, self.server_stream))
         self._aggregate_shapes = None
+        self.host_aggregator = host_aggregator
+        self._unravel_fn = None
+        self._outputs_vmap = jax.jit(self._outputs_vmap_impl)
+        self._output_one = jax.jit(self._output_one_impl)
+        self._server_update = jax.jit(algorithm.server_update)
         if self.strategy == "loop" and jax.default_backend() == "cpu":
             tune_cpu_malloc()
 
@@ -189,6 +209,8 @@ class Simulator:
         # every client with the unsampled ones masked out (weight 0, no steps).
         slots = np.arange(self.num_clients, dtype=np.int32) if self.poisson_rate else ids
         selected = np.isin(slots, ids)
+        if self.host_aggregator is not None:
+            return self._run_round_host(state, ids, slots, selected, round_idx)
         if self.strategy == "vmap":
             state, sums = self._round_vmap(
                 state, self.train, jnp.asarray(slots), jnp.asarray(selected), r
@@ -213,6 +235,70 @@ class Simulator:
                 agg = self._loop_step(agg, broadcast, self.train, jnp.int32(cid), r)
             state, sums = self._loop_finish(state, agg, r)
         return state, self._round_metrics(sums, len(ids))
+
+    def _run_round_host(self, state, ids, slots, selected, round_idx):
+        """A round whose aggregation runs on the host (secure aggregation)."""
+        r = jnp.asarray(round_idx, jnp.int32)
+        broadcast = self.algorithm.broadcast(state)
+        if self.strategy == "loop":
+            outs = [self._output_one(broadcast, self.train, jnp.int32(c), r) for c in ids]
+            flat = np.stack([np.asarray(o[0]) for o in outs]) if outs else np.zeros((0, 0))
+            weights = np.asarray([float(o[1]) for o in outs])
+            metrics = {k: sum(float(o[2][k]) for o in outs) for k in (outs[0][2] if outs else {})}
+        else:
+            # vmap: one call over the round's slots; chunked: one call per chunk (same shapes).
+            size = len(slots) if self.strategy == "vmap" else self.chunk_size
+            parts = []
+            for start in range(0, len(slots), size):
+                n = min(size, len(slots) - start)
+                chunk, valid = np.zeros(size, np.int32), np.zeros(size, bool)
+                chunk[:n], valid[:n] = slots[start : start + n], selected[start : start + n]
+                out = self._outputs_vmap(
+                    state, self.train, jnp.asarray(chunk), jnp.asarray(valid), r
+                )
+                parts.append(jax.tree.map(lambda x, v=valid: np.asarray(x)[v], out))
+            flat, weights, metrics = (
+                jax.tree.map(lambda *x: np.concatenate(x), *[p[i] for p in parts]) for i in range(3)
+            )
+            metrics = {k: float(np.sum(v)) for k, v in metrics.items()}
+        unravel, size = self._unravel(broadcast)
+        if len(ids) == 0 or not np.any(weights > 0):  # nobody to aggregate: no update
+            mean = np.zeros(size, np.float32)
+            result = None
+        else:
+            result = self.host_aggregator.aggregate(flat, weights, round_idx)
+            mean = result.mean
+        state = self._server_update(state, unravel(jnp.asarray(mean, jnp.float32)))
+        out = self._round_metrics(metrics, len(ids))
+        if result is not None:
+            out["secure_survivors"] = len(result.survivors)
+            out.update({f"secure_{k}": float(v) for k, v in result.stats.items()})
+        return state, out
+
+    def _unravel(self, broadcast: Any):
+        """``(unravel, D)``: the map from a flat ``[D]`` vector to an update pytree."""
+        if self._unravel_fn is None:
+            flat, unravel = ravel_pytree(self._zero_aggregate(broadcast).weighted_update)
+            self._unravel_fn = (unravel, flat.size)
+        return self._unravel_fn
+
+    def _client_output(self, broadcast, arrays, cid, valid, round_idx):
+        """One client's ``(flat update [D], weight, metrics)`` for host aggregation."""
+        out = self.algorithm.client_update(
+            broadcast,
+            _select_client(arrays, cid, valid),
+            client_key(self.client_stream, round_idx, cid),
+        )
+        return ravel_pytree(out.update)[0], out.weight, out.metrics
+
+    def _outputs_vmap_impl(self, state, arrays, ids, valid, round_idx):
+        broadcast = self.algorithm.broadcast(state)
+        return jax.vmap(self._client_output, in_axes=(None, None, 0, 0, None))(
+            broadcast, arrays, ids, valid, round_idx
+        )
+
+    def _output_one_impl(self, broadcast, arrays, cid, round_idx):
+        return self._client_output(broadcast, arrays, cid, jnp.bool_(True), round_idx)
 
     def _zero_aggregate(self, broadcast: Any) -> Aggregate:
         """Zeros shaped like one client's contribution (and so like any sum of them)."""

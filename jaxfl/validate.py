@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import ml_collections
+import numpy as np
 
 from jaxfl.data import MissingDataError, medmnist_path
 from jaxfl.data.medmnist import missing_data_message
@@ -17,12 +18,14 @@ from jaxfl.factories import (
     DATA_SOURCES,
     OPTIMIZERS,
     PARTITION_ARGS,
+    build_host_aggregator,
     build_shifts,
     clients_per_round,
 )
 from jaxfl.models import MODELS
 from jaxfl.privacy.dp_sgd import PER_EXAMPLE_MODES
 from jaxfl.privacy.plan import DP_MODES
+from jaxfl.secure.aggregators import AGGREGATORS
 from jaxfl.simulate import STRATEGIES, num_sampled_clients
 from jaxfl.types import Dataset
 
@@ -91,6 +94,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             errors.append(f"config.{e}")
     _validate_dp(config, errors)
     _validate_personalization(config, errors)
+    _validate_secure(config, errors)
     if config.data.source == "medmnist" and config.data.get("fallback", "") != "synthetic":
         path = medmnist_path(config.data.name, config.data.data_dir or None, config.data.size)
         if not path.exists():
@@ -121,6 +125,29 @@ def validate_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> Non
         errors.append(f"config.heterogeneity: {e}")
     if errors:
         raise ConfigError("Invalid config for this data:\n  - " + "\n  - ".join(errors))
+
+
+def _validate_secure(config: ml_collections.ConfigDict, errors: list[str]) -> None:
+    """Secure aggregation: a known aggregator whose options build, and no central DP."""
+    sec = config.get("secure")
+    if sec is None:
+        return
+    _choice(errors, "secure.aggregator", sec.aggregator, AGGREGATORS)
+    if sec.aggregator == "plain" or sec.aggregator not in AGGREGATORS:
+        return
+    if config.dp.mode == "user_level":
+        errors.append(
+            "config.dp.mode='user_level' adds noise at the server to the clear sum; with "
+            f"secure.aggregator={sec.aggregator!r} use dp.mode='local_update' or 'record'."
+        )
+    if config.algorithm.name == "local":
+        errors.append("algorithm 'local' aggregates nothing; set secure.aggregator='plain'.")
+    if sec.max_weight < 0:
+        errors.append(f"config.secure.max_weight={sec.max_weight} must be >= 0 (0 = auto).")
+    try:  # builds keys/contexts for CKKS: cheap enough (< 1 s) to catch bad parameters early
+        build_host_aggregator(config, np.ones(config.num_clients))
+    except (ValueError, TypeError) as e:
+        errors.append(f"config.secure ({sec.aggregator}): {e}")
 
 
 def _validate_personalization(config: ml_collections.ConfigDict, errors: list[str]) -> None:
