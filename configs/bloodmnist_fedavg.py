@@ -8,6 +8,9 @@ or 20 as in the paper:
   python -m experiments.run --config=configs/bloodmnist_fedavg.py --workdir=runs/blood10 \
       --config.num_clients=10 --config.data.data_dir=/path/to/medmnist
 
+Their SecAgg+ runs: add ``--config.secure.aggregator=secagg`` (Flower's SecAggPlusWorkflow with
+num_shares 5 = 4 neighbours + self, reconstruction threshold 4, max_weight 10000, set below).
+
 Needs ``bloodmnist.npz`` (official MedMNIST v2 file); the error message says where to get it.
 """
 
@@ -41,4 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.client_fraction = 0.0
     config.eval_every = 1
     config.checkpoint_every = 1
+    config.secure.secagg.neighbours = 4
+    config.secure.secagg.threshold = 4
+    config.secure.max_weight = 10000.0
     return config
