@@ -205,6 +205,8 @@ def build_host_aggregator(
     if sec.aggregator == "secagg":
         opts = sec.secagg.to_dict()
         opts["neighbours"] = opts["neighbours"] or None  # 0 = complete graph
+        if opts["threshold"] > 1:  # a count (ml_collections keeps the field a float)
+            opts["threshold"] = int(round(opts["threshold"]))
         return make_host_aggregator("secagg", seed=config.seed, max_weight=max_weight, **opts)
     opts = sec.ckks.to_dict()
     sigma = opts.pop("ring_sigma")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import optax
 import pytest
 from helpers import assert_trees_close, make_client_arrays, max_abs_diff
 
-from configs import debug
+from configs import bloodmnist_fedavg, debug
 from jaxfl.algorithms import classification_loss, fedavg
+from jaxfl.factories import build_host_aggregator
 from jaxfl.privacy.update_dp import UpdateDP
 from jaxfl.secure.aggregators import make_host_aggregator
 from jaxfl.simulate import Simulator
@@ -84,3 +86,11 @@ def test_end_to_end_run_with_each_aggregator_matches_plain(plain_run, tmp_path, 
     final = train_and_evaluate(_config(**{"secure.aggregator": aggregator}), tmp_path)
     assert abs(final["test_accuracy"] - plain_run["test_accuracy"]) <= 0.02
     assert final["secure_plain_bytes_per_client"] > 0
+
+
+def test_the_papers_secagg_settings_build_from_the_config():
+    config = bloodmnist_fedavg.get_config()
+    config.secure.aggregator = "secagg"
+    aggregator = build_host_aggregator(config, np.full(10, 900))
+    assert (aggregator.config.threshold, aggregator.config.neighbours) == (4, 4)
+    assert aggregator.config.max_weight == 10000.0
