@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import time
 
 import numpy as np
 
+from jaxfl.runtime import peak_rss_mib
 from jaxfl.secure import AGGREGATORS, make_host_aggregator
 
 DPRESNET_PARAMS = 4_802_120
@@ -62,12 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown aggregators {unknown}; choose from {AGGREGATORS}")
     return args
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def run_row(args: argparse.Namespace, name: str, size: int) -> dict:

@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from jaxfl.runtime import NO_TUNING_ENV, tune_cpu_malloc
+from jaxfl.runtime import NO_TUNING_ENV, peak_rss_mib, tune_cpu_malloc
 
 ENGINE_STRATEGIES = ("vmap", "chunked", "loop", "auto")
 BASELINE, LIMIT = "loop_baseline", "single_batch_limit"
@@ -98,12 +97,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown strategies {sorted(unknown)}; choose from {ALL_ROWS}")
     return args
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 # --------------------------------------------------------------------------- workload
@@ -252,7 +245,7 @@ def row_result(args, num_clients: int, strategy: str, times: list[float], first:
         "repeats_done": len(times),
         "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mib(),
     }
 
 

@@ -1,10 +1,12 @@
-"""Process-level tuning for XLA:CPU."""
+"""Process-level tuning for XLA:CPU, and the process's peak memory for benchmarks."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 import os
+import resource
+import sys
 
 NO_TUNING_ENV = "JAXFL_NO_MALLOC_TUNING"
 
@@ -29,3 +31,9 @@ def tune_cpu_malloc() -> bool:
     return bool(
         libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
     )
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
