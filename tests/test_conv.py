@@ -39,6 +39,18 @@ def test_value_and_gradients_match_lax(nd, size, kernel, stride, padding):
     for a, b in zip(out[1], ref[1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
+    # Second order (Per-FedAvg HF): the Hessian-vector product through the kernel gradient.
+    v = jax.random.normal(jax.random.key(2), w.shape)
+
+    def hvp(conv):
+        def directional(x, w):
+            return jax.numpy.vdot(jax.grad(lambda w: loss(conv, x, w))(w), v)
+
+        return jax.grad(directional, (0, 1))(x, w)
+
+    for a, b in zip(hvp(conv_general_dilated), hvp(lax.conv_general_dilated), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
 
 def test_uses_custom_vjp_for_simple_convs_and_falls_back_otherwise():
     x = jax.numpy.ones((1, 8, 8, 2))

@@ -55,9 +55,16 @@ def _bwd(strides, padding, res, g):
         before = k_sp[i] - 1 - padding[i][0]
         after = in_sp[i] + k_sp[i] - 1 - ((out_sp[i] - 1) * strides[i] + 1) - before
         pad_x.append((before, after))
-    dx = lax.conv_general_dilated(
-        g, w_t, (1,) * nd, pad_x, lhs_dilation=strides, dimension_numbers=dims
-    )
+    # With unit strides both gradients are plain canonical convolutions: route them through
+    # this custom VJP again, so second derivatives (Per-FedAvg HF's Hessian-vector products)
+    # stay on XLA:CPU's fast path too.
+    unit = all(s == 1 for s in strides)
+    if unit:
+        dx = _canonical_conv(g, w_t, strides, tuple(pad_x))
+    else:
+        dx = lax.conv_general_dilated(
+            g, w_t, (1,) * nd, pad_x, lhs_dilation=strides, dimension_numbers=dims
+        )
     # dw: treat input channels as the batch and examples as features, so the contraction over
     # examples is an ordinary canonical convolution (what XLA does to top-level convs).
     perm = (x.ndim - 1, *range(1, nd + 1), 0)
@@ -67,9 +74,12 @@ def _bwd(strides, padding, res, g):
     for i in range(nd):
         after = (out_sp[i] - 1) * strides[i] + 1 - in_sp[i] + k_sp[i] - padding[i][0] - 1
         pad_w.append((padding[i][0], after))
-    dw = lax.conv_general_dilated(
-        x_t, g_t, (1,) * nd, pad_w, rhs_dilation=strides, dimension_numbers=dims
-    )  # [Ci, *K, Co]
+    if unit:
+        dw = _canonical_conv(x_t, g_t, strides, tuple(pad_w))  # [Ci, *K, Co]
+    else:
+        dw = lax.conv_general_dilated(
+            x_t, g_t, (1,) * nd, pad_w, rhs_dilation=strides, dimension_numbers=dims
+        )
     dw = dw.transpose(*range(1, nd + 1), 0, x.ndim - 1)
     return dx, dw
 
