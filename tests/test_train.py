@@ -90,3 +90,14 @@ def test_missing_medmnist_file_can_fall_back_to_synthetic_with_a_warning(tmp_pat
         dataset = factories.build_dataset(config)
     assert dataset.name == "synthetic (no bloodmnist file)"
     assert "SYNTHETIC" in caplog.text and "zenodo" in caplog.text.lower()
+
+
+def test_heterogeneity_can_be_listed_per_client_in_a_config_file():
+    config = _small()
+    config.heterogeneity.clients = [{"scale": 0.5}, {}, {"blur_sigma": 1.0}, {"gamma": 2.0}]
+    shifts = factories.build_shifts(config, is_3d=False)
+    assert [s.is_identity for s in shifts] == [False, True, False, False]
+    assert shifts[0].scale == 0.5 and shifts[2].blur_sigma == 1.0
+    config.heterogeneity.clients = [{"scale": 0.5}]
+    with pytest.raises(ValueError, match="1 per-client settings for 4 clients"):
+        factories.build_shifts(config, is_3d=False)
