@@ -21,11 +21,8 @@ import optax
 
 from jaxfl.algorithms.base import ServerState, local_train
 from jaxfl.rng import slot_uniforms
-from jaxfl.simulate import CLIENT_STREAM, Simulator, client_key
+from jaxfl.simulate import CLIENT_STREAM, PERSONALIZE_STREAM, Simulator, client_key
 from jaxfl.types import ClientArrays, ClientData, LossFn, Params, PRNGKey
-
-# Evaluation draws its adaptation batches from its own stream, after the simulator's four.
-PERSONALIZE_STREAM = 4
 
 
 def adapt_params(

@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 
 STRATEGIES = ("vmap", "chunked", "loop")
 
-# Named RNG streams, folded into the root key derived from the seed.
-INIT_STREAM, SAMPLE_STREAM, CLIENT_STREAM, SERVER_STREAM = 0, 1, 2, 3
+# Named RNG streams, folded into the root key derived from the seed (PERSONALIZE_STREAM:
+# the adaptation batches of jaxfl.personalize's evaluation).
+INIT_STREAM, SAMPLE_STREAM, CLIENT_STREAM, SERVER_STREAM, PERSONALIZE_STREAM = 0, 1, 2, 3, 4
 
 
 def resolve_strategy(strategy: str, backend: str | None = None) -> str:
