@@ -152,6 +152,31 @@ def local_train(
     return LocalResult(p, loss_sum, correct, seen, steps)
 
 
+def fedopt_server(
+    server_optimizer: optax.GradientTransformation,
+) -> tuple[
+    Callable[[Params], ServerState],
+    Callable[[ServerState], Params],
+    Callable[[ServerState, Params], ServerState],
+]:
+    """``(init, broadcast, server_update)`` of a FedOpt server, shared by FedAvg-style algorithms.
+
+    The server sends its global params and applies the mean update with ``server_optimizer``
+    (see :func:`server_apply`).
+    """
+
+    def init(params: Params) -> ServerState:
+        return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32))
+
+    def broadcast(state: ServerState) -> Params:
+        return state.params
+
+    def server_update(state: ServerState, mean_update: Params) -> ServerState:
+        return server_apply(server_optimizer, state, mean_update)
+
+    return init, broadcast, server_update
+
+
 def server_apply(
     server_optimizer: optax.GradientTransformation, state: ServerState, mean_update: Params
 ) -> ServerState:

@@ -10,9 +10,8 @@ from jaxfl.algorithms.base import (
     ClientOutput,
     FederatedAlgorithm,
     LossFn,
-    ServerState,
+    fedopt_server,
     local_train,
-    server_apply,
     weighted_mean,
 )
 from jaxfl.privacy.dp_sgd import DPSGD, local_train_dp
@@ -44,11 +43,7 @@ def fedprox(
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}.")
 
-    def init(params: Params) -> ServerState:
-        return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32))
-
-    def broadcast(state: ServerState) -> Params:
-        return state.params
+    init, broadcast, server_update = fedopt_server(server_optimizer)
 
     def client_update(global_params: Params, data: ClientData, key: PRNGKey) -> ClientOutput:
         regularizer = None
@@ -85,9 +80,6 @@ def fedprox(
             else:  # central: weight 1 each, so one client moves the sum by at most C
                 weight = (data.count > 0).astype(jnp.float32)
         return ClientOutput(update, weight, metrics)
-
-    def server_update(state: ServerState, mean_update: Params) -> ServerState:
-        return server_apply(server_optimizer, state, mean_update)
 
     aggregate = weighted_mean
     if update_dp is not None and update_dp.mode == "central":

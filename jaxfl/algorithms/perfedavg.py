@@ -33,9 +33,8 @@ from jaxfl.algorithms.base import (
     ClientOutput,
     FederatedAlgorithm,
     LossFn,
-    ServerState,
     epoch_permutations,
-    server_apply,
+    fedopt_server,
 )
 from jaxfl.tree import tree_sub, tree_vdot
 from jaxfl.types import ClientData, LocalResult, Params, PRNGKey
@@ -157,18 +156,14 @@ def perfedavg(
     """Per-FedAvg: MAML-style local steps, FedAvg aggregation (weights = example counts).
 
     Defaults ``alpha = 1e-2``, ``beta = 1e-3`` are PPPML-HMI's (RAD-ChestCT). Evaluate it with
-    :func:`jaxfl.evaluate.evaluate_personalized` (``alpha``-steps on local data, then test).
+    :func:`jaxfl.personalize.make_personalized_eval` (``alpha``-steps on local data, then test).
     """
     if variant not in PERFEDAVG_VARIANTS:
         raise ValueError(f"Per-FedAvg variant {variant!r}; choose one of {PERFEDAVG_VARIANTS}.")
     if alpha < 0 or beta <= 0:
         raise ValueError(f"Per-FedAvg needs alpha >= 0 and beta > 0, got {alpha=}, {beta=}.")
 
-    def init(params: Params) -> ServerState:
-        return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32))
-
-    def broadcast(state: ServerState) -> Params:
-        return state.params
+    init, broadcast, server_update = fedopt_server(server_optimizer)
 
     def client_update(global_params: Params, data: ClientData, key: PRNGKey) -> ClientOutput:
         res = perfedavg_local_train(
@@ -190,8 +185,5 @@ def perfedavg(
         }
         update = tree_sub(res.params, global_params)
         return ClientOutput(update, data.count.astype(jnp.float32), metrics)
-
-    def server_update(state: ServerState, mean_update: Params) -> ServerState:
-        return server_apply(server_optimizer, state, mean_update)
 
     return FederatedAlgorithm(f"perfedavg_{variant}", init, broadcast, client_update, server_update)
