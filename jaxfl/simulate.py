@@ -23,6 +23,7 @@ client's flattened update ``[K, D]`` instead of their sum; the host protects and
 from __future__ import annotations
 
 import functools
+import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import chex
@@ -33,6 +34,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxfl.algorithms.base import FederatedAlgorithm, ServerState, weighted_mean
 from jaxfl.runtime import tune_cpu_malloc
+from jaxfl.secure.secagg import SecAggError
 from jaxfl.tree import tree_add, tree_scale, tree_sum_axis0
 from jaxfl.types import ClientArrays, ClientData, Params
 
@@ -263,17 +265,23 @@ class Simulator:
             )
             metrics = {k: float(np.sum(v)) for k, v in metrics.items()}
         unravel, size = self._unravel(broadcast)
+        out = self._round_metrics(metrics, len(ids))
         if len(ids) == 0 or not np.any(weights > 0):  # nobody to aggregate: no update
             mean = np.zeros(size, np.float32)
-            result = None
         else:
-            result = self.host_aggregator.aggregate(flat, weights, round_idx)
+            try:
+                result = self.host_aggregator.aggregate(flat, weights, round_idx)
+            except SecAggError as e:
+                # Too many simulated dropouts to unmask: like a real deployment, the round
+                # fails and the global model stays as it was (logged and in the metrics).
+                logging.warning("Round %d: secure aggregation failed, no update: %s", round_idx, e)
+                out["secure_failed"] = 1.0
+                return state, out
             mean = result.mean
-        state = self._server_update(state, unravel(jnp.asarray(mean, jnp.float32)))
-        out = self._round_metrics(metrics, len(ids))
-        if result is not None:
+            out["secure_failed"] = 0.0
             out["secure_survivors"] = len(result.survivors)
             out.update({f"secure_{k}": float(v) for k, v in result.stats.items()})
+        state = self._server_update(state, unravel(jnp.asarray(mean, jnp.float32)))
         return state, out
 
     def _unravel(self, broadcast: Any):

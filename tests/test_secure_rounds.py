@@ -94,3 +94,15 @@ def test_the_papers_secagg_settings_build_from_the_config():
     aggregator = build_host_aggregator(config, np.full(10, 900))
     assert (aggregator.config.threshold, aggregator.config.neighbours) == (4, 4)
     assert aggregator.config.max_weight == 10000.0
+
+
+def test_a_round_that_cannot_be_unmasked_fails_loudly(tiny_model, tiny_params, caplog):
+    algorithm = fedavg(classification_loss(tiny_model.apply), optax.sgd(0.1), optax.sgd(1.0),
+                       batch_size=4, epochs=1)  # fmt: skip
+    host = make_host_aggregator("secagg", seed=0, dropout_probs=(0.0, 0.0, 0.95))
+    sim = Simulator(algorithm, make_client_arrays(COUNTS), strategy="loop", host_aggregator=host)
+    state = sim.init(tiny_params)
+    with caplog.at_level("WARNING"):
+        new_state, metrics = sim.run_round(state, 0)
+    assert metrics["secure_failed"] == 1.0 and "secure aggregation failed" in caplog.text
+    assert max_abs_diff(new_state.params, tiny_params) == 0.0
