@@ -125,7 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     )
                     metrics.update(_per_client("heldout_accuracy", per_client))
                 if personalized_eval is not None:
-                    per_client = personalized_eval(state.params, fed.train, fed.heldout, r)
+                    per_client = personalized_eval(state.params, runner.train, fed.heldout, r)
                     metrics.update(_per_client("personalized_accuracy", per_client))
             metrics.update(privacy.epsilon_metrics(r + 1))
             metrics["round_time_s"] = time.perf_counter() - round_start
