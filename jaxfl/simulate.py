@@ -128,6 +128,18 @@ def _finish(
     return algorithm.server_update(state, update), agg.metrics
 
 
+def _chunked(slots: np.ndarray, selected: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Client ids and their validity padded to whole chunks: ``[n_chunks, size]`` each.
+
+    Padding slots point at client 0 and are invalid (they run as clients without data).
+    """
+    n_chunks = -(-len(slots) // size)
+    ids = np.zeros(n_chunks * size, np.int32)
+    valid = np.zeros(n_chunks * size, bool)
+    ids[: len(slots)], valid[: len(slots)] = slots, selected
+    return ids.reshape(n_chunks, size), valid.reshape(n_chunks, size)
+
+
 class Simulator:
     """Runs federated rounds of ``algorithm`` over ``train`` client arrays.
 
@@ -219,17 +231,9 @@ class Simulator:
                 state, self.train, jnp.asarray(slots), jnp.asarray(selected), r
             )
         elif self.strategy == "chunked":
-            n_chunks = -(-len(slots) // self.chunk_size)
-            padded = np.zeros(n_chunks * self.chunk_size, np.int32)
-            padded[: len(slots)] = slots
-            valid = np.zeros(len(padded), bool)
-            valid[: len(slots)] = selected
+            chunks, valid = _chunked(slots, selected, self.chunk_size)
             state, sums = self._round_chunked(
-                state,
-                self.train,
-                jnp.asarray(padded.reshape(n_chunks, -1)),
-                jnp.asarray(valid.reshape(n_chunks, -1)),
-                r,
+                state, self.train, jnp.asarray(chunks), jnp.asarray(valid), r
             )
         else:
             broadcast = self.algorithm.broadcast(state)
@@ -252,10 +256,7 @@ class Simulator:
             # vmap: one call over the round's slots; chunked: one call per chunk (same shapes).
             size = len(slots) if self.strategy == "vmap" else self.chunk_size
             parts = []
-            for start in range(0, len(slots), size):
-                n = min(size, len(slots) - start)
-                chunk, valid = np.zeros(size, np.int32), np.zeros(size, bool)
-                chunk[:n], valid[:n] = slots[start : start + n], selected[start : start + n]
+            for chunk, valid in zip(*_chunked(slots, selected, size), strict=True):
                 out = self._outputs_vmap(
                     state, self.train, jnp.asarray(chunk), jnp.asarray(valid), r
                 )
