@@ -62,6 +62,11 @@ def evaluate_clients(
     flat = np.asarray(heldout.images).reshape(k * n, *heldout.images.shape[2:])
     logits = predict(predict_fn, params, flat, batch_size)
     correct = (logits.argmax(-1).reshape(k, n) == np.asarray(heldout.labels)) * heldout.mask
-    counts = np.asarray(heldout.counts, np.float64)
+    return per_client_accuracy(correct.sum(1), heldout.counts)
+
+
+def per_client_accuracy(correct, counts) -> np.ndarray:
+    """``correct / count`` per client ``[K]``; NaN for a client without held-out examples."""
+    counts = np.asarray(counts, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, correct.sum(1) / counts, np.nan)
+        return np.where(counts > 0, np.asarray(correct, np.float64) / counts, np.nan)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxfl.algorithms.base import ServerState, local_train
-from jaxfl.rng import slot_uniforms
+from jaxfl.algorithms.base import ServerState, epoch_permutation, local_train
+from jaxfl.evaluate import per_client_accuracy
 from jaxfl.simulate import CLIENT_STREAM, PERSONALIZE_STREAM, Simulator, client_key
 from jaxfl.types import ClientArrays, ClientData, LossFn, Params, PRNGKey
 
@@ -46,8 +46,7 @@ def adapt_params(
     pad = -(-n_slots // batch_size) * batch_size - n_slots
 
     def step(j, p):
-        u = slot_uniforms(jax.random.fold_in(key, j // batches), n_slots)
-        perm = jnp.pad(jnp.argsort(jnp.where(data.mask > 0, u, jnp.inf)), (0, pad))
+        perm = jnp.pad(epoch_permutation(key, data.mask, j // batches), (0, pad))
         start = (j % batches) * batch_size
         idx = jax.lax.dynamic_slice(perm, (start,), (batch_size,))
         m = ((start + jnp.arange(batch_size)) < count).astype(jnp.float32)
@@ -66,13 +65,6 @@ def _correct(apply_fn: Callable[..., jax.Array], params: Params, data: ClientDat
 def _rows(arrays: ClientArrays) -> ClientData:
     """The client arrays as a ClientData pytree with a leading client axis (for lax.map)."""
     return ClientData(arrays.images, arrays.labels, arrays.mask, arrays.counts)
-
-
-def _accuracy(correct: jax.Array, counts) -> np.ndarray:
-    """``correct / count`` per client; NaN for a client without held-out examples."""
-    counts = np.asarray(counts, np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, np.asarray(correct, np.float64) / counts, np.nan)
 
 
 PersonalizedEval = Callable[[Params, ClientArrays, ClientArrays, int], np.ndarray]
@@ -119,7 +111,9 @@ def make_personalized_eval(
         return jax.lax.map(one, (ids, _rows(train), _rows(heldout)), batch_size=map_batch)
 
     def evaluate(params, train, heldout, round_idx):
-        return _accuracy(correct(params, train, heldout, jnp.int32(round_idx)), heldout.counts)
+        return per_client_accuracy(
+            correct(params, train, heldout, jnp.int32(round_idx)), heldout.counts
+        )
 
     return evaluate
 
@@ -186,7 +180,7 @@ class LocalOnly:
     def evaluate(self, state: ServerState, heldout: ClientArrays, apply_fn) -> np.ndarray:
         """Each client's own model on its own held-out split: accuracy ``[K]``."""
         correct = _local_correct(apply_fn, state.params, heldout)
-        return _accuracy(correct, heldout.counts)
+        return per_client_accuracy(correct, heldout.counts)
 
 
 @jax.jit(static_argnums=0)

@@ -83,13 +83,13 @@ def epoch_permutations(key: PRNGKey, mask: jax.Array, epochs: int) -> jax.Array:
     Each slot's sort key comes from ``fold_in(key, slot)``, so the order of the real examples
     does not depend on how much padding the client carries.
     """
-    n = mask.shape[0]
+    return jax.vmap(lambda e: epoch_permutation(key, mask, e))(jnp.arange(epochs))
 
-    def one_epoch(e):
-        u = slot_uniforms(jax.random.fold_in(key, e), n)
-        return jnp.argsort(jnp.where(mask > 0, u, jnp.inf))
 
-    return jax.vmap(one_epoch)(jnp.arange(epochs)).astype(jnp.int32)
+def epoch_permutation(key: PRNGKey, mask: jax.Array, epoch: jax.Array | int) -> jax.Array:
+    """Shuffle number ``epoch`` of one client's slots, real examples first: ``[N]`` int32."""
+    u = slot_uniforms(jax.random.fold_in(key, epoch), mask.shape[0])
+    return jnp.argsort(jnp.where(mask > 0, u, jnp.inf)).astype(jnp.int32)
 
 
 def local_train(
