@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--examples", type=int, default=64, help="examples per client (N)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=28, help="square RGB inputs of this size")
     p.add_argument("--strategy", default="vmap")
     p.add_argument(
         "--microbatch", type=int, default=0, help="DP micro-batch size (0 = the batch size)"
@@ -47,59 +48,68 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def time_round(algorithm, arrays, params, args) -> float:
-    """Examples per second of one round (median of ``--repeats`` after a compiling warm-up)."""
+def time_round(algorithm, arrays, params, args) -> tuple[float, float]:
+    """``(examples/s, client-steps/s)`` of one round: medians of ``--repeats`` after a warm-up."""
     sim = Simulator(algorithm, arrays, strategy=args.strategy, chunk_size=args.clients)
     state = algorithm.init(params)
     state, _ = sim.run_round(state, 0)
     jax.block_until_ready(state)
-    rates = []
+    examples, steps = [], []
     for r in range(1, args.repeats + 1):
         start = time.perf_counter()
         state, metrics = sim.run_round(state, r)
         jax.block_until_ready(state)
-        rates.append(metrics["examples_seen"] / (time.perf_counter() - start))
-    return statistics.median(rates)
+        seconds = time.perf_counter() - start
+        examples.append(metrics["examples_seen"] / seconds)
+        steps.append(metrics["local_steps_mean"] * metrics["clients"] / seconds)
+    return statistics.median(examples), statistics.median(steps)
+
+
+def measure(name: str, args: argparse.Namespace) -> dict:
+    """One row: model ``name``'s plain and DP-SGD rounds with the settings in ``args``."""
+    shape = (args.image_size, args.image_size, 3)
+    data = synthetic_dataset(8, shape, n_train=args.clients * args.examples, n_val=0, n_test=0)
+    parts = iid(data.train.labels, args.clients, seed=0)
+    arrays = stack_clients(data.train.images, data.train.labels, parts)
+    model = get_model(name, 8)
+    params = model.init(jax.random.key(0), np.zeros((1, *shape), np.float32))["params"]
+    loss = classification_loss(model.apply)
+    kw = dict(batch_size=args.batch_size, epochs=1)
+    micro = args.microbatch or args.batch_size
+    plain = fedavg(loss, optax.sgd(0.05), optax.sgd(1.0), **kw)
+    dp = fedavg(
+        loss, optax.sgd(0.05), optax.sgd(1.0),
+        dp=DPSGD(1.0, 1.0, microbatch_size=micro, per_example=args.per_example), **kw,
+    )  # fmt: skip
+    nondp_rate, nondp_steps = time_round(plain, arrays, params, args)
+    dp_rate, dp_steps = time_round(dp, arrays, params, args)
+    return {
+        "model": name,
+        "clients": args.clients,
+        "nondp_examples_per_s": nondp_rate,
+        "dp_examples_per_s": dp_rate,
+        "overhead": nondp_rate / dp_rate,
+        "nondp_steps_per_s": nondp_steps,
+        "dp_steps_per_s": dp_steps,
+        "examples_per_client": args.examples,
+        "batch_size": args.batch_size,
+        "microbatch_size": micro,
+        "per_example": resolve_per_example(args.per_example),
+        "strategy": args.strategy,
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+    }
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     rows = []
     for name in args.models.split(","):
-        shape = (28, 28, 3)
-        data = synthetic_dataset(8, shape, n_train=args.clients * args.examples, n_val=0, n_test=0)
-        parts = iid(data.train.labels, args.clients, seed=0)
-        arrays = stack_clients(data.train.images, data.train.labels, parts)
-        model = get_model(name, 8)
-        params = model.init(jax.random.key(0), np.zeros((1, *shape), np.float32))["params"]
-        loss = classification_loss(model.apply)
-        kw = dict(batch_size=args.batch_size, epochs=1)
-        micro = args.microbatch or args.batch_size
-        plain = fedavg(loss, optax.sgd(0.05), optax.sgd(1.0), **kw)
-        dp = fedavg(
-            loss, optax.sgd(0.05), optax.sgd(1.0),
-            dp=DPSGD(1.0, 1.0, microbatch_size=micro, per_example=args.per_example), **kw,
-        )  # fmt: skip
-        nondp_rate = time_round(plain, arrays, params, args)
-        dp_rate = time_round(dp, arrays, params, args)
-        row = {
-            "model": name,
-            "clients": args.clients,
-            "nondp_examples_per_s": nondp_rate,
-            "dp_examples_per_s": dp_rate,
-            "overhead": nondp_rate / dp_rate,
-            "examples_per_client": args.examples,
-            "batch_size": args.batch_size,
-            "microbatch_size": micro,
-            "per_example": resolve_per_example(args.per_example),
-            "strategy": args.strategy,
-            "backend": jax.default_backend(),
-            "device_kind": jax.devices()[0].device_kind,
-        }
+        row = measure(name, args)
         rows.append(row)
         print(
-            f"{name:9s} K={args.clients:<4d} non-DP {nondp_rate:9.1f} ex/s   "
-            f"DP {dp_rate:9.1f} ex/s   overhead {row['overhead']:.2f}x",
+            f"{name:9s} K={args.clients:<4d} non-DP {row['nondp_examples_per_s']:9.1f} ex/s   "
+            f"DP {row['dp_examples_per_s']:9.1f} ex/s   overhead {row['overhead']:.2f}x",
             flush=True,
         )
     if args.json:

@@ -46,8 +46,11 @@ def load_config(path: str):
     return module.get_config()
 
 
-def seconds_per_round(config, repeats: int) -> tuple[float, object]:
-    """Median wall seconds of ``run_round`` for ``config`` (after a compiling warm-up)."""
+def seconds_per_round(config, repeats: int) -> tuple[float, object, dict]:
+    """Median wall seconds of ``run_round`` for ``config`` (after a compiling warm-up).
+
+    Also returns the runner and the last round's metrics.
+    """
     dataset = factories.build_dataset(config)
     fed = factories.build_federated_data(config, dataset)
     model = factories.build_model(config, fed.num_classes)
@@ -60,13 +63,13 @@ def seconds_per_round(config, repeats: int) -> tuple[float, object]:
     state = runner.init(factories.init_params(model, fed.train.images[0], key))
     state, _ = runner.run_round(state, 0)
     jax.block_until_ready(state)
-    times = []
+    times, metrics = [], {}
     for r in range(1, repeats + 1):
         start = time.perf_counter()
-        state, _ = runner.run_round(state, r)
+        state, metrics = runner.run_round(state, r)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), runner
+    return statistics.median(times), runner, metrics
 
 
 def main(argv=None) -> list[dict]:
@@ -75,7 +78,7 @@ def main(argv=None) -> list[dict]:
     for name in args.algorithms.split(","):
         config = load_config(args.config)
         config.algorithm.name = name
-        seconds, runner = seconds_per_round(config, args.repeats)
+        seconds, runner, _ = seconds_per_round(config, args.repeats)
         first = rows[0]["seconds_per_round"] if rows else seconds
         row = {
             "algorithm": name,
