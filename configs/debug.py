@@ -22,6 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
             noise=0.1,
         )
     )
+    # True: every privacy-relevant draw (DP noise, Poisson samples of examples and clients,
+    # SecAgg+ rounding) comes from the OS CSPRNG, not from `seed`, so the logged config cannot
+    # recompute it; runs are then not reproducible. The CKKS ring's mask always does.
+    config.secure_randomness = False
     config.num_clients = 8
     config.partition = ml_collections.ConfigDict(
         dict(name="dirichlet", alpha=1.0, sigma=1.0, classes_per_client=2, heldout_fraction=0.2)
@@ -52,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
             per_round_epsilon=0.0,  # local_update: > 0 calibrates each round to this epsilon
             seed_as_coded=False,  # local_update: Flower LocalDpMod noise (sensitivity 1)
             seed_epsilon=6.0,  # ...with this per-round epsilon, as the BloodMNIST code does
+            # A resume that raises `rounds` past what target_epsilon allows is refused unless
+            # this is True (then the reported epsilon exceeds the target).
+            allow_exceeding_budget=False,
         )
     )
     # Simulated scanner heterogeneity (jaxfl/data/heterogeneity.py), applied to each client's
@@ -74,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
             max_weight=0.0,  # public bound on client weights; 0 = the largest client's count
             secagg=dict(
                 threshold=0.66,  # Shamir t: an int, or a fraction of the k + 1 shares
-                neighbours=0,  # k; 0 = complete graph, else an even number >= 2
+                neighbours=0,  # k; 0 = complete graph, else an even number >= 4
                 clip_range=8.0,  # Flower's SecAgg+ defaults: clip to +-8, 2^22 levels, mod 2^32
                 quantization_bits=22,
                 modulus_bits=32,

@@ -1,7 +1,10 @@
-"""Checkpoint and resume with orbax: server state + round, plus a config guard for the workdir.
+"""Checkpoint and resume with orbax: server state + round + the privacy ledger, plus a config
+guard for the workdir.
 
 Randomness needs no saved state: every key is ``fold_in`` of the seed's streams with the round
-(and client id), so restoring the server state and the round number reproduces the rest.
+(and client id), so restoring the server state and the round number reproduces the rest. The
+privacy ledger (the noise multiplier each round used) is saved with the state, so a resumed
+run accounts for the mechanisms that actually ran.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import orbax.checkpoint as ocp
 from jaxfl.algorithms.base import ServerState
 
 # Fields that may change between a run and its resumption without changing its results.
-RESUMABLE_FIELDS = frozenset({"rounds", "checkpoint_every"})
+RESUMABLE_FIELDS = frozenset({"rounds", "checkpoint_every", "dp.allow_exceeding_budget"})
 
 
 class ConfigMismatchError(RuntimeError):
@@ -59,12 +62,14 @@ def check_same_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
 
 
 class Checkpointer:
-    """Saves the server state every ``every`` rounds under ``workdir/checkpoints``."""
+    """Saves the server state and a JSON ledger every ``every`` rounds under
+    ``workdir/checkpoints`` (one orbax step per saved round, items ``state`` and ``ledger``)."""
 
     def __init__(self, workdir: Path, every: int, max_to_keep: int = 2):
         self.every = every
+        self.directory = (workdir / "checkpoints").absolute()
         self.manager = ocp.CheckpointManager(
-            (workdir / "checkpoints").absolute(),
+            self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         )
 
@@ -72,16 +77,46 @@ class Checkpointer:
         """Number of rounds completed by the newest checkpoint (0 if none)."""
         return self.manager.latest_step() or 0
 
-    def restore(self, like: ServerState) -> ServerState:
-        """The newest checkpoint, restored into the structure of ``like``."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        return self.manager.restore(self.latest_round(), args=ocp.args.StandardRestore(abstract))
+    def ledger(self) -> dict[str, Any]:
+        """The newest checkpoint's ledger (``{}`` without a checkpoint)."""
+        step = self.latest_round()
+        if step == 0:
+            return {}
+        if not (self.directory / str(step) / "ledger").exists():
+            raise ConfigMismatchError(
+                f"{self.directory / str(step)} was written by an older jaxfl without a privacy "
+                "ledger, so its rounds cannot be accounted for; use a new --workdir."
+            )
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(ledger=ocp.args.JsonRestore())
+        )
+        return dict(restored["ledger"])
 
-    def maybe_save(self, rounds_done: int, state: ServerState, force: bool = False) -> None:
+    def restore(self, like: ServerState) -> ServerState:
+        """The newest checkpoint's state, restored into the structure of ``like``."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        restored = self.manager.restore(
+            self.latest_round(),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)),
+        )
+        return restored["state"]
+
+    def maybe_save(
+        self,
+        rounds_done: int,
+        state: ServerState,
+        ledger: dict[str, Any] | None = None,
+        force: bool = False,
+    ) -> None:
         """Save after ``rounds_done`` rounds if it is a checkpoint round (or ``force``)."""
         due = force or (self.every > 0 and rounds_done % self.every == 0)
         if due and self.manager.latest_step() != rounds_done:
-            self.manager.save(rounds_done, args=ocp.args.StandardSave(state))
+            self.manager.save(
+                rounds_done,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), ledger=ocp.args.JsonSave(ledger or {})
+                ),
+            )
 
     def close(self) -> None:
         """Wait for pending asynchronous saves."""

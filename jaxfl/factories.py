@@ -207,7 +207,13 @@ def build_host_aggregator(
         opts["neighbours"] = opts["neighbours"] or None  # 0 = complete graph
         if opts["threshold"] > 1:  # a count (ml_collections keeps the field a float)
             opts["threshold"] = int(round(opts["threshold"]))
-        return make_host_aggregator("secagg", seed=config.seed, max_weight=max_weight, **opts)
+        return make_host_aggregator(
+            "secagg",
+            seed=config.seed,
+            max_weight=max_weight,
+            secure_randomness=bool(config.get("secure_randomness", False)),
+            **opts,
+        )
     opts = sec.ckks.to_dict()
     sigma = opts.pop("ring_sigma")
     if sec.aggregator == "ckks_ring":
@@ -245,6 +251,7 @@ def build_runner(
         clients_per_round=sampling,
         poisson_rate=rate,
         host_aggregator=build_host_aggregator(config, np.asarray(train.counts)),
+        secure_randomness=bool(config.get("secure_randomness", False)),
     )
     return sim, algorithm
 

@@ -33,7 +33,9 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxfl.algorithms.base import FederatedAlgorithm, ServerState, weighted_mean
+from jaxfl.rng import os_key
 from jaxfl.runtime import tune_cpu_malloc
+from jaxfl.secure.entropy import os_uniform
 from jaxfl.secure.secagg import SecAggError
 from jaxfl.tree import tree_add, tree_scale, tree_sum_axis0
 from jaxfl.types import ClientArrays, ClientData, Params
@@ -158,6 +160,7 @@ class Simulator:
         clients_per_round: int | float | None = None,
         poisson_rate: float | None = None,
         host_aggregator: HostAggregator | None = None,
+        secure_randomness: bool = False,
     ):
         chex.assert_equal_shape_prefix(tuple(train), 1)
         if host_aggregator is not None and algorithm.aggregate is not weighted_mean:
@@ -184,13 +187,14 @@ class Simulator:
         self.strategy = resolve_strategy(strategy)
         self.chunk_size = min(chunk_size, self.per_round)
         root = jax.random.key(seed)
+        self.secure_randomness = secure_randomness
         self.sample_stream = jax.random.fold_in(root, SAMPLE_STREAM)
         self.client_stream = jax.random.fold_in(root, CLIENT_STREAM)
         self.server_stream = jax.random.fold_in(root, SERVER_STREAM)
         self._round_vmap = jax.jit(self._round_vmap_impl)
         self._round_chunked = jax.jit(self._round_chunked_impl)
         self._loop_step = jax.jit(self._loop_step_impl, donate_argnums=0)
-        self._loop_finish = jax.jit(functools.partial(_finish, algorithm, self.server_stream))
+        self._loop_finish = jax.jit(functools.partial(_finish, algorithm))
         self._aggregate_shapes = None
         self.host_aggregator = host_aggregator
         self._unravel_fn = None
@@ -207,66 +211,81 @@ class Simulator:
     def sample_clients(self, round_idx: int) -> np.ndarray:
         """Sorted ids of the clients taking part in ``round_idx``."""
         if self.poisson_rate is not None:
-            key = jax.random.fold_in(self.sample_stream, round_idx)
-            u = np.asarray(jax.random.uniform(key, (self.num_clients,)))
+            if self.secure_randomness:
+                u = os_uniform(self.num_clients)
+            else:
+                key = jax.random.fold_in(self.sample_stream, round_idx)
+                u = np.asarray(jax.random.uniform(key, (self.num_clients,)))
             return np.flatnonzero(u < self.poisson_rate).astype(np.int32)
         if self.per_round == self.num_clients:
             return np.arange(self.num_clients, dtype=np.int32)
+        if self.secure_randomness:
+            ranks = np.argsort(os_uniform(self.num_clients))[: self.per_round]
+            return np.sort(ranks.astype(np.int32))
         key = jax.random.fold_in(self.sample_stream, round_idx)
         ids = jax.random.choice(key, self.num_clients, (self.per_round,), replace=False)
         return np.sort(np.asarray(ids, dtype=np.int32))
+
+    def round_streams(self) -> tuple[jax.Array, jax.Array]:
+        """``(client_stream, server_stream)`` for a round: the seed's, or with
+        ``secure_randomness`` fresh keys from the OS CSPRNG (never stored or logged), so the DP
+        noise, Poisson samples and shuffles of a round cannot be recomputed from the seed."""
+        if not self.secure_randomness:
+            return self.client_stream, self.server_stream
+        return os_key(), os_key()
 
     def run_round(self, state: ServerState, round_idx: int) -> tuple[ServerState, dict[str, float]]:
         """One federated round; returns the new server state and host-side round metrics."""
         ids = self.sample_clients(round_idx)
         r = jnp.asarray(round_idx, jnp.int32)
+        streams = self.round_streams()
         # A Poisson sample has a random size: vmap/chunked keep their static shape by running
         # every client with the unsampled ones masked out (weight 0, no steps).
         slots = np.arange(self.num_clients, dtype=np.int32) if self.poisson_rate else ids
         selected = np.isin(slots, ids)
         if self.host_aggregator is not None:
-            return self._run_round_host(state, ids, slots, selected, round_idx)
+            return self._run_round_host(state, ids, slots, selected, round_idx, streams[0])
         if self.strategy == "vmap":
             state, sums = self._round_vmap(
-                state, self.train, jnp.asarray(slots), jnp.asarray(selected), r
+                state, self.train, jnp.asarray(slots), jnp.asarray(selected), r, streams
             )
         elif self.strategy == "chunked":
             chunks, valid = _chunked(slots, selected, self.chunk_size)
             state, sums = self._round_chunked(
-                state, self.train, jnp.asarray(chunks), jnp.asarray(valid), r
+                state, self.train, jnp.asarray(chunks), jnp.asarray(valid), r, streams
             )
         else:
             broadcast = self.algorithm.broadcast(state)
             agg = self._zero_aggregate(broadcast)
             for cid in ids:
-                agg = self._loop_step(agg, broadcast, self.train, jnp.int32(cid), r)
-            state, sums = self._loop_finish(state, agg, r)
+                agg = self._loop_step(agg, broadcast, self.train, jnp.int32(cid), r, streams[0])
+            state, sums = self._loop_finish(streams[1], state, agg, r)
         return state, self._round_metrics(sums, len(ids))
 
-    def _run_round_host(self, state, ids, slots, selected, round_idx):
+    def _run_round_host(self, state, ids, slots, selected, round_idx, client_stream):
         """A round whose aggregation runs on the host (secure aggregation)."""
         r = jnp.asarray(round_idx, jnp.int32)
         broadcast = self.algorithm.broadcast(state)
         if self.strategy == "loop":
-            outs = [self._output_one(broadcast, self.train, jnp.int32(c), r) for c in ids]
+            outs = [
+                self._output_one(broadcast, self.train, jnp.int32(c), r, client_stream) for c in ids
+            ]
             flat = np.stack([np.asarray(o[0]) for o in outs]) if outs else np.zeros((0, 0))
             weights = np.asarray([float(o[1]) for o in outs])
-            metrics = {k: sum(float(o[2][k]) for o in outs) for k in (outs[0][2] if outs else {})}
         else:
             # vmap: one call over the round's slots; chunked: one call per chunk (same shapes).
             size = len(slots) if self.strategy == "vmap" else self.chunk_size
             parts = []
             for chunk, valid in zip(*_chunked(slots, selected, size), strict=True):
                 out = self._outputs_vmap(
-                    state, self.train, jnp.asarray(chunk), jnp.asarray(valid), r
+                    state, self.train, jnp.asarray(chunk), jnp.asarray(valid), r, client_stream
                 )
-                parts.append(jax.tree.map(lambda x, v=valid: np.asarray(x)[v], out))
-            flat, weights, metrics = (
-                jax.tree.map(lambda *x: np.concatenate(x), *[p[i] for p in parts]) for i in range(3)
-            )
-            metrics = {k: float(np.sum(v)) for k, v in metrics.items()}
+                parts.append([np.asarray(x)[valid] for x in out])
+            flat, weights = (np.concatenate([p[i] for p in parts]) for i in range(2))
         unravel, size = self._unravel(broadcast)
-        out = self._round_metrics(metrics, len(ids))
+        # Only the protocol's output leaves the clients: per-client training sums (loss,
+        # accuracy, examples, steps, clipping) would travel in the clear, so none is reported.
+        out = {"clients": len(ids)}
         if len(ids) == 0 or not np.any(weights > 0):  # nobody to aggregate: no update
             mean = np.zeros(size, np.float32)
         else:
@@ -292,23 +311,25 @@ class Simulator:
             self._unravel_fn = (unravel, flat.size)
         return self._unravel_fn
 
-    def _client_output(self, broadcast, arrays, cid, valid, round_idx):
-        """One client's ``(flat update [D], weight, metrics)`` for host aggregation."""
+    def _client_output(self, broadcast, arrays, cid, valid, round_idx, client_stream):
+        """One client's ``(flat update [D], weight)`` for host aggregation."""
         out = self.algorithm.client_update(
             broadcast,
             _select_client(arrays, cid, valid),
-            client_key(self.client_stream, round_idx, cid),
+            client_key(client_stream, round_idx, cid),
         )
-        return ravel_pytree(out.update)[0], out.weight, out.metrics
+        return ravel_pytree(out.update)[0], out.weight
 
-    def _outputs_vmap_impl(self, state, arrays, ids, valid, round_idx):
+    def _outputs_vmap_impl(self, state, arrays, ids, valid, round_idx, client_stream):
         broadcast = self.algorithm.broadcast(state)
-        return jax.vmap(self._client_output, in_axes=(None, None, 0, 0, None))(
-            broadcast, arrays, ids, valid, round_idx
+        return jax.vmap(self._client_output, in_axes=(None, None, 0, 0, None, None))(
+            broadcast, arrays, ids, valid, round_idx, client_stream
         )
 
-    def _output_one_impl(self, broadcast, arrays, cid, round_idx):
-        return self._client_output(broadcast, arrays, cid, jnp.bool_(True), round_idx)
+    def _output_one_impl(self, broadcast, arrays, cid, round_idx, client_stream):
+        return self._client_output(
+            broadcast, arrays, cid, jnp.bool_(True), round_idx, client_stream
+        )
 
     def _zero_aggregate(self, broadcast: Any) -> Aggregate:
         """Zeros shaped like one client's contribution (and so like any sum of them)."""
@@ -324,17 +345,17 @@ class Simulator:
             )
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._aggregate_shapes)
 
-    def _round_vmap_impl(self, state, arrays, ids, valid, round_idx):
+    def _round_vmap_impl(self, state, arrays, ids, valid, round_idx, streams):
+        client_stream, server_stream = streams
         broadcast = self.algorithm.broadcast(state)
         contrib = jax.vmap(
             functools.partial(_contribution, self.algorithm),
             in_axes=(None, None, 0, 0, None, None),
-        )(broadcast, arrays, ids, valid, self.client_stream, round_idx)
-        return _finish(
-            self.algorithm, self.server_stream, state, tree_sum_axis0(contrib), round_idx
-        )
+        )(broadcast, arrays, ids, valid, client_stream, round_idx)
+        return _finish(self.algorithm, server_stream, state, tree_sum_axis0(contrib), round_idx)
 
-    def _round_chunked_impl(self, state, arrays, ids_chunks, valid_chunks, round_idx):
+    def _round_chunked_impl(self, state, arrays, ids_chunks, valid_chunks, round_idx, streams):
+        client_stream, server_stream = streams
         broadcast = self.algorithm.broadcast(state)
         run_chunk = jax.vmap(
             functools.partial(_contribution, self.algorithm),
@@ -343,16 +364,16 @@ class Simulator:
 
         def body(acc, chunk):
             ids, valid = chunk
-            contrib = run_chunk(broadcast, arrays, ids, valid, self.client_stream, round_idx)
+            contrib = run_chunk(broadcast, arrays, ids, valid, client_stream, round_idx)
             return tree_add(acc, tree_sum_axis0(contrib)), None
 
         init = self._zero_aggregate(broadcast)
         agg, _ = jax.lax.scan(body, init, (ids_chunks, valid_chunks))
-        return _finish(self.algorithm, self.server_stream, state, agg, round_idx)
+        return _finish(self.algorithm, server_stream, state, agg, round_idx)
 
-    def _loop_step_impl(self, agg, broadcast, arrays, cid, round_idx):
+    def _loop_step_impl(self, agg, broadcast, arrays, cid, round_idx, client_stream):
         contrib = _contribution(
-            self.algorithm, broadcast, arrays, cid, jnp.bool_(True), self.client_stream, round_idx
+            self.algorithm, broadcast, arrays, cid, jnp.bool_(True), client_stream, round_idx
         )
         return tree_add(agg, contrib)
 

@@ -19,7 +19,7 @@ from jaxfl import factories
 from jaxfl.checkpoint import Checkpointer, check_same_config
 from jaxfl.evaluate import evaluate_clients, evaluate_global, make_predict_fn
 from jaxfl.metrics import read_metrics
-from jaxfl.privacy.plan import plan_privacy
+from jaxfl.privacy.plan import plan_privacy, uncovered_metrics
 from jaxfl.simulate import INIT_STREAM, num_sampled_clients
 from jaxfl.validate import validate_config, validate_dataset
 
@@ -67,12 +67,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     model = factories.build_model(config, fed.num_classes)
     sampling = factories.clients_per_round(config)
     rate = factories.poisson_rate(config)
-    privacy = plan_privacy(
-        config,
-        np.asarray(fed.train.counts),
-        num_sampled_clients(sampling, config.num_clients),
-        poisson_rate=rate,
-    )
+    checkpointer = Checkpointer(workdir, config.checkpoint_every)
+    start_round = min(checkpointer.latest_round(), config.rounds)
+    try:
+        # The noise each checkpointed round used: epsilon composes what actually ran.
+        noise_history = checkpointer.ledger().get("noise_multipliers", [])[:start_round]
+        privacy = plan_privacy(
+            config,
+            np.asarray(fed.train.counts),
+            num_sampled_clients(sampling, config.num_clients),
+            poisson_rate=rate,
+            history=noise_history,
+        )
+    except Exception:
+        checkpointer.close()
+        raise
     runner, algorithm = factories.build_runner(config, model, fed.train, privacy, sampling, rate)
     init_key = jax.random.fold_in(jax.random.key(config.seed), INIT_STREAM)
     params = factories.init_params(model, fed.train.images[0], init_key)
@@ -80,8 +89,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     predict_fn = make_predict_fn(model.apply)
     state = runner.init(params)
 
-    checkpointer = Checkpointer(workdir, config.checkpoint_every)
-    start_round = min(checkpointer.latest_round(), config.rounds)
     history = _truncate_metrics(metrics_path, start_round)
     if start_round > 0:
         state = checkpointer.restore(state)
@@ -97,6 +104,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         config.rounds,
     )
 
+    # Which source the privacy-relevant draws came from (README: secure randomness).
+    randomness = "os_csprng" if config.get("secure_randomness", False) else "seeded"
     elapsed_before = history[-1]["wall_time_s"] if history else 0.0
     start = time.perf_counter()
     metrics: dict[str, Any] = history[-1] if history else {}
@@ -111,7 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         for r in bar:
             round_start = time.perf_counter()
             state, metrics = runner.run_round(state, r)
-            metrics = {"round": r + 1, "dataset": fed.name, **metrics}
+            metrics = {"round": r + 1, "dataset": fed.name, "randomness": randomness, **metrics}
             if (r + 1) % config.eval_every == 0 or r + 1 == config.rounds:
                 if algorithm is None:  # local-only: each client's own model, nothing global
                     per_client = runner.evaluate(state, fed.heldout, model.apply)
@@ -130,10 +139,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             metrics.update(privacy.epsilon_metrics(r + 1))
             metrics["round_time_s"] = time.perf_counter() - round_start
             metrics["wall_time_s"] = elapsed_before + time.perf_counter() - start
+            if privacy.mode != "none":
+                metrics["not_covered_by_epsilon"] = uncovered_metrics(metrics)
             metrics = {k: _jsonable(v) for k, v in metrics.items()}
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            checkpointer.maybe_save(r + 1, state, force=r + 1 == config.rounds)
+            ledger = {"noise_multipliers": privacy.ledger(r + 1)} if privacy.epsilons_for else {}
+            checkpointer.maybe_save(r + 1, state, ledger, force=r + 1 == config.rounds)
             _report(bar, metrics, config.rounds)
     finally:
         checkpointer.close()

@@ -92,6 +92,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             num_sampled_clients(clients_per_round(config), config.num_clients)
         except ValueError as e:
             errors.append(f"config.{e}")
+    for field, value in (
+        ("secure_randomness", config.get("secure_randomness", False)),
+        ("dp.allow_exceeding_budget", config.dp.get("allow_exceeding_budget", False)),
+    ):
+        if not isinstance(value, bool):
+            errors.append(f"config.{field}={value!r} must be True or False.")
     _validate_dp(config, errors)
     _validate_personalization(config, errors)
     _validate_secure(config, errors)

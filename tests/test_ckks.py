@@ -71,11 +71,36 @@ def test_public_key_encryption_also_sums(vectors):
 
 def test_ring_sum_matches_the_plaintext_sum(key_holder, vectors):
     for round_idx in (0, 5):  # initiators 0 and 1
-        total, stats = ckks_ring_sum(vectors, key_holder, seed=1, round_idx=round_idx)
+        total, stats = ckks_ring_sum(vectors, key_holder, round_idx=round_idx)
         assert np.abs(total - vectors.sum(0)).max() < TOL
         assert stats["server_s"] == 0.0
     # The mask really is large: without removing it the result would be off by ~sigma.
-    assert np.abs(ring_mask(1, 0, D, 1e4)).max() > 1e4
+    assert np.abs(ring_mask(D, 1e4)).max() > 1e4
+
+
+def test_the_next_client_cannot_recompute_the_initiators_ring_mask(key_holder, vectors):
+    """Regression (issue 12.3): R came from (seed, round), so client 1 removed it exactly."""
+    seen = []
+    encrypt = key_holder.encrypt
+
+    def spy(values):  # the plaintexts clients encrypt; the initiator's is x_0 + R
+        seen.append(np.array(values))
+        return encrypt(values)
+
+    key_holder.encrypt = spy
+    try:
+        for _ in range(2):
+            ckks_ring_sum(vectors, key_holder, round_idx=0)
+    finally:
+        key_holder.encrypt = encrypt
+    first, second = seen[0], seen[len(seen) // 2]  # the initiator's message in each call
+    mask = first - vectors[0]
+    # Same inputs, same round: a fresh mask each time, and no seed reproduces it.
+    assert np.abs(second - first).max() > 1e3
+    for seed in range(3):
+        guess = np.random.default_rng([seed, 0, 0x5249]).normal(0.0, 1e4, D)
+        assert np.abs((first - guess) - vectors[0]).max() > 1e3
+    assert 0.9e4 < mask.std() < 1.1e4 and abs(mask.mean()) < 1e3
 
 
 def test_values_that_could_overflow_the_sum_are_refused(key_holder):
@@ -91,7 +116,7 @@ def test_values_that_could_overflow_the_sum_are_refused(key_holder):
 
 def test_ring_mask_too_large_for_the_parameters_raises(key_holder, vectors):
     with pytest.raises(ValueError, match="ring mask"):
-        ckks_ring_sum(vectors, key_holder, seed=1, round_idx=0, sigma=1e6)
+        ckks_ring_sum(vectors, key_holder, round_idx=0, sigma=1e6)
 
 
 @pytest.mark.parametrize(

@@ -250,3 +250,46 @@ def test_shamir_rejects_bad_inputs():
         shamir_split(5, 4, [1, 2, 3])
     with pytest.raises(ValueError, match="secret"):
         shamir_split(SHAMIR_PRIME, 2, [1, 2])
+
+
+def _ring_positions(graph_order_seed: int, num_clients: int) -> np.ndarray:
+    """Client ids in the order neighbour_sets puts them on its ring (its seeded permutation)."""
+    return np.random.default_rng([graph_order_seed, ROUND, 0x4752]).permutation(num_clients)
+
+
+@pytest.mark.parametrize(
+    ("num_clients", "k", "t", "gaps"),
+    [
+        (10, 4, 3, ([0, 1], [5, 6])),  # Harary H(4, 10): two gaps of 2 split it in two
+        (14, 6, 4, ([0, 1, 2], [7, 8, 9])),  # H(6, 14): two gaps of 3
+        (16, 4, 3, ([0, 1], [5, 6], [10, 11])),  # three groups
+    ],
+)
+def test_dropouts_that_split_the_survivors_fail_the_round(num_clients, k, t, gaps):
+    """Regression (issue 12.4): the server learned each group's sum exactly."""
+    config = SecAggConfig(threshold=t, neighbours=k)
+    order = _ring_positions(SEED, num_clients)
+    dropped = {int(order[p]) for gap in gaps for p in gap}
+    graph = neighbour_sets(num_clients, k, SEED, ROUND)
+    survivors = sorted(set(range(num_clients)) - dropped)
+    # Every dropped client keeps t surviving key holders: unmasking itself would succeed.
+    assert all(len(set(graph[i].tolist()) - dropped) >= t for i in dropped)
+    q = _quantized(_vectors(num_clients), config)
+    with pytest.raises(SecAggError, match=rf"into {len(gaps)} groups"):
+        secagg_sum_quantized(
+            q, config, seed=SEED, round_idx=ROUND, dropouts=[set(), dropped, set()]
+        )
+    # Control: every gap but one refilled by one client, the survivors stay connected.
+    back = dropped - {int(order[gap[0]]) for gap in gaps[1:]}
+    total, alive, _ = secagg_sum_quantized(
+        q, config, seed=SEED, round_idx=ROUND, dropouts=[set(), back, set()]
+    )
+    np.testing.assert_array_equal(total, q[alive].sum(0))
+    assert len(survivors) < len(alive)
+
+
+def test_a_ring_of_two_neighbours_is_refused():
+    """Regression (issue 12.4): K = 8, k = 2, t = 2 split after two non-adjacent dropouts."""
+    with pytest.raises(ValueError, match=r"neighbours=2 is too sparse for 8 clients"):
+        graph_parameters(SecAggConfig(threshold=2, neighbours=2), 8)
+    assert graph_parameters(SecAggConfig(threshold=2, neighbours=2), 3) == (2, 2)  # complete

@@ -6,8 +6,9 @@ accountant. No hand-written RDP.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from dp_accounting import dp_event
@@ -54,8 +55,29 @@ def client_dp_sgd_event(
     return dp_sgd_event(noise_multiplier, min(1.0, batch_size / n), steps)
 
 
+RoundsEvent = Callable[[float, int], dp_event.DpEvent]  # (noise multiplier, rounds) -> event
+
+
+def compose_rounds(
+    rounds_event: RoundsEvent, noise_multipliers: Sequence[float]
+) -> dp_event.DpEvent:
+    """The event of a run whose round ``i`` used ``noise_multipliers[i]``.
+
+    Consecutive rounds with the same noise are one ``rounds_event(z, count)`` (so a constant
+    schedule is exactly the event of the whole run); a resumed run whose noise changed is the
+    composition of its pieces.
+    """
+    pieces = [
+        rounds_event(float(z), len(list(group)))
+        for z, group in itertools.groupby(float(z) for z in noise_multipliers)
+    ]
+    if not pieces:
+        return dp_event.NoOpDpEvent()
+    return pieces[0] if len(pieces) == 1 else dp_event.ComposedDpEvent(pieces)
+
+
 def record_level_epsilons_per_client(
-    noise_multiplier: float,
+    noise_multiplier: float | Sequence[float],
     client_sizes: Sequence[int],
     batch_size: int,
     epochs: int,
@@ -63,16 +85,24 @@ def record_level_epsilons_per_client(
     delta: float,
     accountant: str = "rdp",
 ) -> np.ndarray:
-    """Each client's epsilon from its own data size (fewer examples → higher rate → larger ε)."""
+    """Each client's epsilon from its own data size (fewer examples → higher rate → larger ε).
+
+    ``noise_multiplier`` is one value for all ``rounds``, or one per round (``rounds`` is then
+    its length).
+    """
+    zs = (
+        [float(noise_multiplier)] * rounds
+        if np.ndim(noise_multiplier) == 0
+        else [float(z) for z in noise_multiplier]
+    )
     sizes = np.asarray(client_sizes, np.int64)
-    cache = {
-        int(n): epsilon(
-            client_dp_sgd_event(noise_multiplier, int(n), batch_size, epochs, rounds),
-            delta,
-            accountant,
-        )
-        for n in np.unique(sizes)
-    }
+    cache = {}
+    for n in np.unique(sizes):
+
+        def rounds_event(z, r, n=int(n)):
+            return client_dp_sgd_event(z, n, batch_size, epochs, r)
+
+        cache[int(n)] = epsilon(compose_rounds(rounds_event, zs), delta, accountant)
     return np.array([cache[int(n)] for n in sizes])
 
 

@@ -64,7 +64,9 @@ def clipped_sum_scan(
     The same result as :func:`per_example_grads` + :func:`clip_and_sum`, but only one example's
     gradient exists at a time. On CPU that wins: a vmapped batch materializes a
     ``[b, *param]`` gradient (for SmallCNN's dense layer 16 x 3136 x 128 floats) that is
-    written once and read twice, while one example's gradient stays in cache.
+    written once and read twice, while one example's gradient stays in cache. Masked and
+    non-finite examples are handled as in :func:`clip_and_sum` (selected out, never multiplied
+    by 0); a non-finite loss is left out of the loss sum.
     """
 
     def one(carry, xym):
@@ -74,12 +76,13 @@ def clipped_sum_scan(
             params, x[None], y[None], jnp.ones((1,), jnp.float32)
         )
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grad)))
-        scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12)) * m
+        keep = (m > 0) & jnp.isfinite(norm)
+        scale = jnp.where(keep, jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12)), 0.0)
         return (
-            tree_add(acc, tree_scale(grad, scale)),
-            clipped + (norm > clip_norm) * m,
-            loss_sum + loss * m,
-            correct + aux["correct"] * m,
+            tree_add(acc, jax.tree.map(lambda g: jnp.where(keep, g * scale, 0.0), grad)),
+            clipped + ((norm > clip_norm) | ~jnp.isfinite(norm)) * (m > 0),
+            loss_sum + jnp.where((m > 0) & jnp.isfinite(loss), loss, 0.0),
+            correct + jnp.where(m > 0, aux["correct"], 0.0),
         ), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -90,13 +93,23 @@ def clipped_sum_scan(
 def clip_and_sum(grads: Params, mask: jax.Array, clip_norm: float) -> tuple[Params, jax.Array]:
     """Clip each example's gradient to L2 norm ``clip_norm`` and sum the unmasked ones.
 
-    Returns the sum and the number of (unmasked) examples whose norm exceeded ``clip_norm``.
+    ``grads`` leaves are ``[b, ...]``, ``mask`` ``[b]``. Masked slots are selected out with
+    ``where`` (never multiplied by 0, which an inf or NaN in padding would turn into NaN), and a
+    selected example whose gradient is not finite contributes zero (it is clipped to norm 0,
+    which keeps the sensitivity bound) and is counted as clipped. Returns the sum and the number
+    of unmasked examples whose norm exceeded ``clip_norm`` or was not finite.
     """
     sq = sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in jax.tree.leaves(grads))
     norms = jnp.sqrt(sq)
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12)) * mask
-    summed = jax.tree.map(lambda g: jnp.tensordot(scale, g, axes=1), grads)
-    return summed, jnp.sum((norms > clip_norm) * mask)
+    keep = (mask > 0) & jnp.isfinite(norms)
+    scale = jnp.where(keep, jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12)), 0.0)
+
+    def weighted_sum(g):
+        kept = jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
+        return jnp.tensordot(scale, kept, axes=1)
+
+    clipped = ((norms > clip_norm) | ~jnp.isfinite(norms)) & (mask > 0)
+    return jax.tree.map(weighted_sum, grads), jnp.sum(clipped.astype(jnp.float32))
 
 
 def poisson_order(key: PRNGKey, mask: jax.Array, rate: float) -> tuple[jax.Array, jax.Array]:
@@ -151,7 +164,8 @@ def dp_sgd_gradient(
         else:
             (per_loss, aux), grads = per_example_grads(loss_fn, params, images, labels)
             summed, n_clipped = clip_and_sum(grads, m, clip_norm)
-            losses, n_correct = jnp.sum(per_loss * m), jnp.sum(aux["correct"] * m)
+            losses = jnp.sum(jnp.where((m > 0) & jnp.isfinite(per_loss), per_loss, 0.0))
+            n_correct = jnp.sum(jnp.where(m > 0, aux["correct"], 0.0))
         return (
             j + 1,
             tree_add(acc, summed),

@@ -7,7 +7,7 @@ The noise multiplier the clients use and the one the accountant composes come fr
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import ml_collections
@@ -18,24 +18,65 @@ from jaxfl.privacy.dp_sgd import DPSGD
 from jaxfl.privacy.update_dp import UpdateDP
 
 DP_MODES = ("none", "record", "local_update", "user_level")
+# A resumed run with a target epsilon keeps within it by raising the remaining rounds' noise, up
+# to this factor over a fresh run's; beyond it they would barely learn, so it asks instead.
+MAX_SQUEEZE = 2.0
+
+
+# Metrics computed from client data without noise (or, for timings, depending on Poisson batch
+# sizes): published next to a DP run's epsilon, but not covered by it.
+UNCOVERED_KEYS = (
+    "train_loss",
+    "train_accuracy",
+    "examples_seen",
+    "dp_clipped_fraction",
+    "update_clipped_fraction",
+    "local_steps_mean",
+    "round_time_s",
+    "wall_time_s",
+)
+UNCOVERED_PREFIXES = ("heldout_accuracy", "personalized_accuracy")
+
+
+def uncovered_metrics(metrics: dict) -> list[str]:
+    """The keys of ``metrics`` that a DP run's epsilon does not cover (sorted)."""
+    return sorted(k for k in metrics if k in UNCOVERED_KEYS or k.startswith(UNCOVERED_PREFIXES))
+
+
+class PrivacyBudgetError(ValueError):
+    """Continuing the run would spend more than its configured privacy budget."""
 
 
 class PrivacyPlan(NamedTuple):
-    """What the algorithm needs (``dp_sgd`` / ``update_dp``) and how to account for it."""
+    """What the algorithm needs (``dp_sgd`` / ``update_dp``) and how to account for it.
+
+    ``noise_multiplier`` is what the rounds still to run use; ``history`` holds the noise
+    multiplier each round already run used (a resumed run's ledger, from its checkpoint), so
+    the reported epsilon is that of the mechanisms that actually ran.
+    """
 
     mode: str
     noise_multiplier: float
     delta: float
     dp_sgd: DPSGD | None
     update_dp: UpdateDP | None
-    epsilons_after: Callable[[int], np.ndarray] | None  # rounds -> epsilon per client
+    epsilons_for: Callable[[Sequence[float]], np.ndarray] | None  # per-round z -> eps per client
+    history: tuple[float, ...] = ()
+
+    def ledger(self, rounds_done: int) -> list[float]:
+        """The noise multiplier of each of the first ``rounds_done`` rounds."""
+        done = [float(z) for z in self.history[:rounds_done]]
+        return done + [float(self.noise_multiplier)] * (rounds_done - len(done))
 
     def epsilon_metrics(self, rounds_done: int) -> dict:
-        """``epsilon`` (max over clients), ``delta`` and, per client, ``epsilon_per_client``."""
-        if self.epsilons_after is None:
+        """``epsilon`` (max over clients), ``delta``, this round's ``dp_noise_multiplier`` and,
+        per client, ``epsilon_per_client``: the composition of every round run so far."""
+        if self.epsilons_for is None:
             return {}
-        eps = self.epsilons_after(rounds_done)
+        ledger = self.ledger(rounds_done)
+        eps = self.epsilons_for(ledger)
         out = {"epsilon": float(np.max(eps)), "delta": self.delta}
+        out["dp_noise_multiplier"] = ledger[-1] if ledger else self.noise_multiplier
         if eps.size > 1:
             out["epsilon_per_client"] = eps
         return out
@@ -46,8 +87,15 @@ def plan_privacy(
     client_sizes: np.ndarray,
     clients_per_round: int,
     poisson_rate: float | None = None,
+    history: Sequence[float] = (),
 ) -> PrivacyPlan:
     """Resolve ``config.dp`` for clients holding ``client_sizes`` training examples.
+
+    ``history``: the noise multipliers of the rounds a resumed run already ran. With a
+    ``target_epsilon``, the remaining rounds get the smallest noise that keeps the whole run
+    (history included) within it; if no noise can, :class:`PrivacyBudgetError` is raised unless
+    ``dp.allow_exceeding_budget`` (then they get the noise of a fresh run of ``rounds`` rounds
+    and the reported epsilon exceeds the target).
 
     Record-level and local-update epsilons assume a client takes part in every round (an upper
     bound under client sampling); user-level DP is accounted with the Poisson client rate.
@@ -58,6 +106,7 @@ def plan_privacy(
     rounds, delta, acc = config.rounds, dp.delta, dp.accountant
     batch, epochs = config.local.batch_size, config.local.epochs
     num_clients = len(client_sizes)
+    history = tuple(float(z) for z in history)
     if dp.mode == "user_level" and poisson_rate is None and clients_per_round != num_clients:
         raise ValueError(
             "config.dp.mode='user_level' with client sampling needs Poisson sampling (what the "
@@ -67,28 +116,18 @@ def plan_privacy(
 
     if dp.mode == "record":
 
-        def epsilons_for(z, r):
+        def epsilons_for(zs):
             return accounting.record_level_epsilons_per_client(
-                z, client_sizes, batch, epochs, r, delta, accountant=acc
+                zs, client_sizes, batch, epochs, len(zs), delta, accountant=acc
             )
 
         # Calibrate the max over clients: each client's epsilon depends on its own size.
-        smallest = int(np.min(client_sizes))
-        z = _noise(dp, lambda z: float(np.max(epsilons_for(z, rounds))), delta, smallest)
-
-        def epsilons(r):
-            return epsilons_for(z, r)
-
-        return PrivacyPlan(
-            "record",
-            z,
-            delta,
-            DPSGD(dp.clip_norm, z, dp.microbatch_size, dp.per_example),
-            None,
-            epsilons,
-        )
+        z = _noise(dp, epsilons_for, rounds, history, int(np.min(client_sizes)))
+        dp_sgd = DPSGD(dp.clip_norm, z, dp.microbatch_size, dp.per_example)
+        return PrivacyPlan("record", z, delta, dp_sgd, None, epsilons_for, history)
 
     if dp.mode == "local_update":
+        epsilons_for = _uniform_epsilons(accounting.local_update_event, delta, acc, num_clients)
         if dp.seed_as_coded:
             std = accounting.seed_as_coded_noise_std(1.0, dp.seed_epsilon, delta)
             z = std / dp.clip_norm
@@ -102,44 +141,87 @@ def plan_privacy(
         elif dp.per_round_epsilon > 0:
             # Each round's release is (per_round_epsilon, delta)-DP with the true sensitivity C;
             # the rounds still compose, and the reported epsilon says what the run costs.
-            one_round = _event_epsilon(accounting.local_update_event, 1, delta, acc)
+            one_round = lambda z: float(epsilons_for([z])[0])
             z = calibrate.calibrate_noise_multiplier(one_round, dp.per_round_epsilon, delta)
         else:
-            z = _noise(dp, _event_epsilon(accounting.local_update_event, rounds, delta, acc), delta)
-
-        def epsilons(r):
-            eps = accounting.epsilon(accounting.local_update_event(z, r), delta, acc)
-            return np.full(num_clients, eps)
-
+            z = _noise(dp, epsilons_for, rounds, history, None)
         update_dp = UpdateDP("local", dp.clip_norm, z * dp.clip_norm)
-        return PrivacyPlan("local_update", z, delta, None, update_dp, epsilons)
+        return PrivacyPlan("local_update", z, delta, None, update_dp, epsilons_for, history)
 
     if dp.mode == "user_level":
         q = 1.0 if poisson_rate is None else poisson_rate
         user_event = lambda z, r: accounting.user_level_event(z, q, r)
-        z = _noise(dp, _event_epsilon(user_event, rounds, delta, acc), delta, num_clients)
-
-        def epsilons(r):
-            return np.array([accounting.epsilon(user_event(z, r), delta, acc)])
-
+        epsilons_for = _uniform_epsilons(user_event, delta, acc, 1)
+        z = _noise(dp, epsilons_for, rounds, history, num_clients)
         # Fixed denominator: the expected number of clients, so one client moves the mean by
         # at most C / (q K) whatever the realized sample.
         update_dp = UpdateDP("central", dp.clip_norm, z * dp.clip_norm, q * num_clients)
-        return PrivacyPlan("user_level", z, delta, None, update_dp, epsilons)
+        return PrivacyPlan("user_level", z, delta, None, update_dp, epsilons_for, history)
     raise ValueError(f"config.dp.mode={dp.mode!r}; choose one of {DP_MODES}.")
 
 
-def _event_epsilon(make_event, rounds, delta, accountant) -> Callable[[float], float]:
-    """``z -> epsilon`` of ``make_event(z, rounds)`` at ``delta``."""
-    return lambda z: accounting.epsilon(make_event(z, rounds), delta, accountant)
+def _uniform_epsilons(
+    rounds_event, delta, accountant, size
+) -> Callable[[Sequence[float]], np.ndarray]:
+    """``zs -> [size]`` copies of the epsilon of the rounds composed with noise ``zs``."""
+
+    def epsilons_for(zs):
+        event = accounting.compose_rounds(rounds_event, zs)
+        return np.full(size, accounting.epsilon(event, delta, accountant))
+
+    return epsilons_for
 
 
-def _noise(dp, epsilon_fn, delta, num_examples=None) -> float:
-    """``dp.noise_multiplier``, or the smallest one meeting ``dp.target_epsilon`` if it is set."""
+def _noise(dp, epsilons_for, rounds: int, history: tuple[float, ...], num_examples) -> float:
+    """The noise multiplier of the rounds after ``history``: ``dp.noise_multiplier``, or with
+    ``dp.target_epsilon`` the smallest one keeping the whole run's max epsilon within it."""
     if dp.target_epsilon <= 0:
         return float(dp.noise_multiplier)
-    z = calibrate.calibrate_noise_multiplier(
-        epsilon_fn, dp.target_epsilon, delta, num_examples=num_examples
+    if history and len(history) >= rounds:
+        return history[-1]  # nothing left to run: keep the last round's noise for the ledger
+
+    def run_epsilon(z, past=history):
+        return float(np.max(epsilons_for([*past, *[z] * (rounds - len(past))])))
+
+    target = dp.target_epsilon
+    fresh = calibrate.calibrate_noise_multiplier(
+        lambda z: run_epsilon(z, ()), target, dp.delta, num_examples=num_examples
     )
-    logging.info("dp: calibrated noise multiplier %.4f for epsilon=%g", z, dp.target_epsilon)
-    return z
+    # A run resumed with its own schedule (killed, same rounds) keeps exactly its noise.
+    if not history or run_epsilon(fresh) <= target:
+        logging.info("dp: calibrated noise multiplier %.4f for epsilon=%g", fresh, target)
+        return fresh
+    spent = float(np.max(epsilons_for(history)))
+    remaining = rounds - len(history)
+    message = (
+        f"the {len(history)} rounds already run spent epsilon={spent:.4g} of the budget "
+        f"dp.target_epsilon={target:g}"
+    )
+    squeezed = None
+    if run_epsilon(calibrate.MAX_NOISE_MULTIPLIER) <= target:
+        squeezed = calibrate.calibrate_noise_multiplier(run_epsilon, target, dp.delta, num_examples)
+        # Within twice a fresh run's noise the remaining rounds still learn: stay in budget.
+        if squeezed <= MAX_SQUEEZE * fresh:
+            logging.info(
+                "dp: %s; the remaining rounds use noise multiplier %.4f", message, squeezed
+            )
+            return squeezed
+    total = run_epsilon(fresh)
+    if not dp.allow_exceeding_budget:
+        within = (
+            "no noise keeps the run within it"
+            if squeezed is None
+            else f"staying within it would need noise multiplier {squeezed:.4g} for the "
+            f"remaining {remaining} rounds (a fresh {rounds}-round run uses {fresh:.4g})"
+        )
+        raise PrivacyBudgetError(
+            f"{message}; {within}. Continuing with noise multiplier {fresh:.4g} would end at "
+            f"epsilon={total:.4g}: set --config.dp.allow_exceeding_budget=True to spend that, "
+            f"or keep --config.rounds={len(history)}."
+        )
+    logging.warning(
+        "%s; dp.allow_exceeding_budget: the remaining %d rounds use noise multiplier %.4f and "
+        "the run ends at epsilon=%.4g, above the target.",
+        message, remaining, fresh, total,
+    )  # fmt: skip
+    return fresh

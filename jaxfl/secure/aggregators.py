@@ -99,9 +99,9 @@ class SecAggAggregator(HostAggregator):
 
     name = "secagg"
 
-    def __init__(self, config: SecAggConfig, *, seed: int) -> None:
+    def __init__(self, config: SecAggConfig, *, seed: int, secure_randomness: bool = False) -> None:
         validate_config(config)
-        self.config, self.seed = config, seed
+        self.config, self.seed, self.secure_randomness = config, seed, secure_randomness
 
     def aggregate(
         self, updates: np.ndarray, weights: np.ndarray, round_idx: int
@@ -109,7 +109,11 @@ class SecAggAggregator(HostAggregator):
         start = time.perf_counter()
         inputs = weighted_inputs(updates, weights, self.config.max_weight)
         total, survivors, stats = secagg_sum(
-            inputs, self.config, seed=self.seed, round_idx=round_idx
+            inputs,
+            self.config,
+            seed=self.seed,
+            round_idx=round_idx,
+            secure_randomness=self.secure_randomness,
         )
         mean = mean_from_sum(total)
         stats["plain_bytes_per_client"] = 4.0 * mean.size
@@ -156,7 +160,6 @@ class CKKSRingAggregator(HostAggregator):
         self,
         params: CKKSParams | None = None,
         *,
-        seed: int,
         sigma: float = 1e4,
         max_weight: float | None = None,
     ) -> None:
@@ -166,7 +169,7 @@ class CKKSRingAggregator(HostAggregator):
             raise ValueError(f"the ring mask sigma must be positive, got {sigma}")
         _check_max_weight(max_weight)
         self.key_holder = CKKSKeyHolder(params)
-        self.seed, self.sigma, self.max_weight = seed, sigma, max_weight
+        self.sigma, self.max_weight = sigma, max_weight
 
     def aggregate(
         self, updates: np.ndarray, weights: np.ndarray, round_idx: int
@@ -176,7 +179,7 @@ class CKKSRingAggregator(HostAggregator):
         start = time.perf_counter()
         total, stats = ckks_ring_sum(
             weighted_inputs(updates, weights, self.max_weight),
-            self.key_holder, seed=self.seed, round_idx=round_idx, sigma=self.sigma,
+            self.key_holder, round_idx=round_idx, sigma=self.sigma,
         )  # fmt: skip
         mean = mean_from_sum(total)
         stats["plain_bytes_per_client"] = 4.0 * mean.size
@@ -201,8 +204,9 @@ def make_host_aggregator(name: str, *, seed: int, **options: Any) -> HostAggrega
     """The host aggregator called ``name`` (one of ``AGGREGATORS``), or ``None`` for ``"plain"``
     (the in-jit weighted mean). ``options`` are ``SecAggConfig`` fields for ``"secagg"``;
     ``CKKSParams`` fields plus ``max_weight`` (and ``sigma`` for the ring) for the CKKS modes.
-    Sequences may be lists (config files). ``seed`` drives every non-cryptographic draw (SecAgg+
-    graph, dropouts, rounding; the ring mask); ``"ckks"`` draws none."""
+    Sequences may be lists (config files). ``seed`` drives SecAgg+'s non-cryptographic draws
+    (graph, simulated dropouts, and rounding unless ``secure_randomness``); the CKKS modes use
+    none (the ring's mask comes from the OS CSPRNG)."""
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {name!r}; choose one of {AGGREGATORS}")
     if name == "plain":
@@ -210,10 +214,10 @@ def make_host_aggregator(name: str, *, seed: int, **options: Any) -> HostAggrega
             raise ValueError(f"the plain aggregator takes no options, got {sorted(options)}")
         return None
     if name == "secagg":
-        config, _ = _split_options(name, options, SecAggConfig._fields, ())
+        config, extra = _split_options(name, options, SecAggConfig._fields, ("secure_randomness",))
         if "dropout_probs" in config:
             config["dropout_probs"] = tuple(config["dropout_probs"])
-        return SecAggAggregator(SecAggConfig(**config), seed=seed)
+        return SecAggAggregator(SecAggConfig(**config), seed=seed, **extra)
     from jaxfl.secure.ckks import CKKSParams
 
     extra = ("max_weight", "sigma") if name == "ckks_ring" else ("max_weight",)
@@ -222,4 +226,4 @@ def make_host_aggregator(name: str, *, seed: int, **options: Any) -> HostAggrega
         fields["coeff_mod_bit_sizes"] = tuple(fields["coeff_mod_bit_sizes"])
     if name == "ckks":
         return CKKSAggregator(CKKSParams(**fields), **rest)
-    return CKKSRingAggregator(CKKSParams(**fields), seed=seed, **rest)
+    return CKKSRingAggregator(CKKSParams(**fields), **rest)

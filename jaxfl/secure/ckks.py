@@ -14,13 +14,17 @@ Two protocols over ``[K, D]`` client vectors:
 
 Trust model: as in PPPML-HMI all clients share one secret key, so CKKS protects the updates from
 the server (honest-but-curious, colluding with no client) only: any client that obtained
-another's ciphertext could decrypt it. In ring mode each client receives the encrypted partial
-sum of the clients before it; with 2 clients either can infer the other's update from the
-result (true of any exact sum).
+another's ciphertext could decrypt it. In ring mode each client receives, and can decrypt, the
+partial sum of the clients before it plus the initiator's mask ``R``: the initiator's update is
+hidden from the next client only by ``R`` (Gaussian, std ``sigma``: statistical hiding, not
+encryption), two clients that are the neighbours of a third recover its exact update from the
+difference of what they saw, and with 2 clients each learns the other's update from the sum.
+``ckks`` (the server sums ciphertexts, clients see nothing of each other) is the recommended
+aggregator; README's secure-aggregation section has the table.
 
 Determinism: keys and encryption noise come from SEAL's CSPRNG, so decrypted sums differ run
-to run at the level of the CKKS error (~1e-9 by default); the ring mask comes from a numpy
-Generator seeded by ``(seed, round_idx)`` and cancels exactly.
+to run at the level of the CKKS error (~1e-9 by default); the ring mask is drawn by the
+initiator from the OS CSPRNG (``jaxfl.secure.entropy``) and cancels up to float rounding.
 
 Encoding: the vector is packed densely, ``N / 2`` values per ciphertext (the last chunk padded
 with zeros). Choices for this add-only circuit, measured with TenSEAL 0.3.18 on 2 shared CPU
@@ -65,9 +69,10 @@ import numpy as np
 import tenseal as ts
 from tenseal import sealapi
 
+from jaxfl.secure.entropy import os_normal
+
 # Largest total coefficient-modulus bits SEAL accepts for 128-bit security, by ring degree.
 MAX_COEFF_BITS = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
-_RING_STREAM = 0x5249
 
 
 class CKKSParams(NamedTuple):
@@ -351,23 +356,26 @@ def ckks_sum(vectors: np.ndarray, key_holder: CKKSKeyHolder) -> tuple[np.ndarray
     }
 
 
-def ring_mask(seed: int, round_idx: int, size: int, sigma: float) -> np.ndarray:
-    """The initiator's ``[size]`` Gaussian mask ``R`` for round ``round_idx``."""
-    return np.random.default_rng([seed, round_idx, _RING_STREAM]).normal(0.0, sigma, size)
+def ring_mask(size: int, sigma: float) -> np.ndarray:
+    """A fresh ``[size]`` Gaussian mask ``R`` for the initiator, from the OS CSPRNG.
+
+    Only the initiator ever holds it; it is not derived from the run's seed (which
+    ``config.json`` records), so nobody else can recompute it.
+    """
+    return os_normal(size, sigma)
 
 
 def ckks_ring_sum(
     vectors: np.ndarray,
     key_holder: CKKSKeyHolder,
     *,
-    seed: int,
     round_idx: int,
     sigma: float = 1e4,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """PPPML-HMI cyclic secure sum of ``[K, D]`` client vectors.
 
-    The initiator (client ``round_idx mod K``) encrypts its row plus ``ring_mask(seed,
-    round_idx, D, sigma)``; clients ``initiator + 1, ...`` (mod K) in turn add their encrypted
+    The initiator (client ``round_idx mod K``) encrypts its row plus ``ring_mask(D, sigma)``;
+    clients ``initiator + 1, ...`` (mod K) in turn add their encrypted
     row to the travelling ciphertext; the initiator subtracts the mask, decrypts, and uploads
     the plaintext sum to the server. Returns the ``[D]`` float64 sum and stats: ``client_s``
     (mean seconds per client), ``initiator_s``, ``round_s`` (sum over the sequential hops),
@@ -382,7 +390,7 @@ def ckks_ring_sum(
     seconds, sent = np.zeros(K), np.zeros(K)
 
     start = time.perf_counter()
-    mask = ring_mask(seed, round_idx, D, sigma)
+    mask = ring_mask(D, sigma)
     limit = key_holder.params.max_abs_value
     budget = limit - (np.abs(mask).max() if D else 0.0)
     if budget <= 0:

@@ -55,6 +55,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from jaxfl.secure.entropy import OsRandom
 from jaxfl.secure.quantize import dequantize, quantization_rng, quantize
 
 # A Mersenne prime above 2^256: every 32-byte secret is one field element, no chunking.
@@ -149,6 +150,13 @@ def graph_parameters(config: SecAggConfig, num_clients: int) -> tuple[int, int]:
             f"SecAggConfig.neighbours={k} must be even (each client links to neighbours/2 "
             f"clients on either side of a ring) or >= {K - 1} (complete graph) for {K} clients"
         )
+    least = MIN_SPARSE_NEIGHBOURS
+    if k < min(least, K - 1):
+        raise ValueError(
+            f"SecAggConfig.neighbours={k} is too sparse for {K} clients: use at least {least} "
+            "(with 2, a ring, any two non-adjacent dropouts split the survivors into groups "
+            "whose sums the server would learn), or 0 for the complete graph"
+        )
     if isinstance(config.threshold, float):
         # The epsilon keeps e.g. 0.56 * 25 = 14.000000000000002 at 14, not 15.
         t = int(np.ceil(config.threshold * (k + 1) - 1e-9))
@@ -161,6 +169,38 @@ def graph_parameters(config: SecAggConfig, num_clients: int) -> tuple[int, int]:
             "client)"
         )
     return k, t
+
+
+# A sparse Harary graph with k neighbours stays connected after any k - 1 dropouts; k = 2 (a
+# ring) splits after two non-adjacent ones, so jaxfl requires k >= 4 for sparse graphs. A floor,
+# not a proof: enough dropouts split any sparse graph, and what stops the server from learning
+# partial sums is the check of every round's surviving graph (survivor_components).
+MIN_SPARSE_NEIGHBOURS = 4
+
+
+def survivor_components(graph: list[np.ndarray], survivors: Collection[int]) -> list[list[int]]:
+    """Connected components of the neighbour graph restricted to ``survivors`` (sorted ids).
+
+    The pairwise masks of two survivors cancel only in a sum over both, so after unmasking the
+    server can compute the sum of every component: more than one component leaks partial sums.
+    """
+    alive = set(int(i) for i in survivors)
+    seen: set[int] = set()
+    components = []
+    for start in sorted(alive):
+        if start in seen:
+            continue
+        stack, part = [start], []
+        seen.add(start)
+        while stack:
+            i = stack.pop()
+            part.append(i)
+            for j in graph[i]:
+                if int(j) in alive and int(j) not in seen:
+                    seen.add(int(j))
+                    stack.append(int(j))
+        components.append(sorted(part))
+    return components
 
 
 def neighbour_sets(
@@ -405,6 +445,14 @@ def secagg_sum_quantized(
     in_u2 = set(masked)
     unmaskers = [j for j in masked if j not in dropped[2]]
     _require_quorum(unmaskers, t, K, "unmasking")
+    components = survivor_components(graph, in_u2)
+    if len(components) > 1:
+        raise SecAggError(
+            f"the dropouts split the {len(in_u2)} surviving clients into {len(components)} "
+            f"groups (sizes {[len(c) for c in components]}) that share no pairwise mask: "
+            "unmasking would reveal each group's sum, so the round is refused; use more "
+            "SecAggConfig.neighbours (or 0, the complete graph)"
+        )
 
     # Stage 3: each surviving holder reveals, per sender, the b share if the sender's masked
     # input arrived and the mask-key share if it did not, never both.
@@ -479,12 +527,14 @@ def secagg_sum(
     round_idx: int,
     dropouts: Sequence[Collection[int]] | None = None,
     server_view: Callable[[int, np.ndarray], None] | None = None,
+    secure_randomness: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Securely sum ``[K, D]`` float vectors of the clients that survive the round.
 
     Client ``i`` quantizes its row with ``quantization_rng(seed, round_idx, i)`` before masking,
-    so ``quantize`` reproduces its integers exactly. Returns ``(sum, survivors, stats)``: the
-    ``[D]`` float64 dequantized sum of the survivors' clipped rows, their sorted ids, and the
+    so ``quantize`` reproduces its integers exactly; with ``secure_randomness`` its stochastic
+    rounding draws from the OS CSPRNG instead (not reproducible from the seed). Returns
+    ``(sum, survivors, stats)``: the ``[D]`` float64 dequantized sum of the survivors' clipped rows, their sorted ids, and the
     statistics of ``secagg_sum_quantized`` plus the quantization time (added to ``client_s``)
     and the number of clipped coordinates.
     """
@@ -501,7 +551,8 @@ def secagg_sum(
             raise ValueError(f"client {i}'s vector contains NaN or infinite values")
         clipped += np.count_nonzero(np.abs(x[i]) > c)
         start = time.perf_counter()
-        quantized[i] = quantize(x[i], c, bits, quantization_rng(seed, round_idx, i))
+        rng = OsRandom() if secure_randomness else quantization_rng(seed, round_idx, i)
+        quantized[i] = quantize(x[i], c, bits, rng)
         quantize_s += time.perf_counter() - start
     total, survivors, stats = secagg_sum_quantized(
         quantized, config, seed=seed, round_idx=round_idx, dropouts=dropouts,
