@@ -534,9 +534,9 @@ def secagg_sum(
     Client ``i`` quantizes its row with ``quantization_rng(seed, round_idx, i)`` before masking,
     so ``quantize`` reproduces its integers exactly; with ``secure_randomness`` its stochastic
     rounding draws from the OS CSPRNG instead (not reproducible from the seed). Returns
-    ``(sum, survivors, stats)``: the ``[D]`` float64 dequantized sum of the survivors' clipped rows, their sorted ids, and the
-    statistics of ``secagg_sum_quantized`` plus the quantization time (added to ``client_s``)
-    and the number of clipped coordinates.
+    ``(sum, survivors, stats)``: the ``[D]`` float64 dequantized sum of the survivors' clipped
+    rows, their sorted ids, and the statistics of ``secagg_sum_quantized`` plus the
+    quantization time (added to ``client_s``) and the number of clipped coordinates.
     """
     x = np.asarray(vectors)
     if x.ndim != 2:
