@@ -1,110 +1,13 @@
-"""Smoke-test experiment: FedAvg with a small CNN on synthetic 28x28 images, seconds on a CPU."""
+"""Smoke-test experiment: FedAvg with a small CNN on synthetic 28x28 images, seconds on a CPU.
+
+It is jaxfl's defaults, unchanged: ``jaxfl/defaults.py`` lists every config field with what it
+does, and ``python -m experiments.run --config=configs/debug.py --print_config`` prints them.
+"""
 
 import ml_collections
 
+from jaxfl.defaults import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.data = ml_collections.ConfigDict(
-        dict(
-            source="synthetic",  # "synthetic" or "medmnist"
-            name="synthetic",
-            # medmnist only: folder holding the .npz; empty = $JAXFL_DATA_DIR or ~/.medmnist
-            data_dir="",
-            size=28,
-            fallback="",  # medmnist only: "synthetic" = synthetic data if the file is missing
-            num_classes=4,
-            image_shape=(28, 28, 1),
-            n_train=1200,
-            n_val=100,
-            n_test=400,
-            noise=0.1,
-        )
-    )
-    # True: every privacy-relevant draw (DP noise, Poisson samples of examples and clients,
-    # SecAgg+ rounding) comes from the OS CSPRNG, not from `seed`, so the logged config cannot
-    # recompute it; runs are then not reproducible. The CKKS ring's mask always does.
-    config.secure_randomness = False
-    config.num_clients = 8
-    config.partition = ml_collections.ConfigDict(
-        dict(name="dirichlet", alpha=1.0, sigma=1.0, classes_per_client=2, heldout_fraction=0.2)
-    )
-    config.model = ml_collections.ConfigDict(dict(name="cnn"))
-    # fedavg | fedprox (mu) | perfedavg_fo | perfedavg_hf | perfedavg_pppml (alpha: inner
-    # adaptation step, beta: outer step; plain SGD, config.local's optimizer is not used) |
-    # local (local-only baseline: every client trains alone)
-    config.algorithm = ml_collections.ConfigDict(
-        dict(name="fedavg", mu=0.01, alpha=1e-2, beta=1e-3)
-    )
-    config.local = ml_collections.ConfigDict(
-        dict(optimizer="adam", learning_rate=3e-3, momentum=0.0, batch_size=32, epochs=2)
-    )
-    config.server = ml_collections.ConfigDict(dict(optimizer="sgd", learning_rate=1.0))
-    config.dp = ml_collections.ConfigDict(
-        dict(
-            mode="none",  # none | record (DP-SGD) | local_update | user_level (DP-FedAvg)
-            clip_norm=1.0,  # per-example (record) or per-update L2 bound C
-            noise_multiplier=1.0,  # noise std = noise_multiplier * C; used if target_epsilon=0
-            target_epsilon=0.0,  # > 0: calibrate the noise multiplier for the whole run
-            delta=1e-5,
-            accountant="rdp",  # rdp | pld (dp-accounting)
-            microbatch_size=32,  # record mode: per-example gradients computed this many at once
-            # record mode: per-example gradients all at once ("vmap") or one at a time ("scan",
-            # faster on CPU); "auto" picks by backend. Same result either way.
-            per_example="auto",
-            per_round_epsilon=0.0,  # local_update: > 0 calibrates each round to this epsilon
-            seed_as_coded=False,  # local_update: Flower LocalDpMod noise (sensitivity 1)
-            seed_epsilon=6.0,  # ...with this per-round epsilon, as the BloodMNIST code does
-            # A resume that raises `rounds` past what target_epsilon allows is refused unless
-            # this is True (then the reported epsilon exceeds the target).
-            allow_exceeding_budget=False,
-        )
-    )
-    # Simulated scanner heterogeneity (jaxfl/data/heterogeneity.py), applied to each client's
-    # training and held-out data: `strength` in [0, 1] draws per-client shifts from `seed`
-    # (-1 = the run's seed); `preset="pppml_hmi"` gives 3D slice thickness 1/5/10; a config
-    # file may instead set `clients` to a list of per-client dicts.
-    config.heterogeneity = ml_collections.ConfigDict(
-        dict(strength=0.0, seed=-1, preset="", slice_mode="pad")
-    )
-    # Adapt-then-test: each client takes adapt_steps SGD steps of size adapt_lr on its own
-    # training data from the global model, then is tested on its held-out split.
-    config.personalization = ml_collections.ConfigDict(
-        dict(enabled=False, adapt_steps=1, adapt_lr=1e-2)
-    )
-    # Secure aggregation on the host (jaxfl/secure): plain (in-jit weighted mean) | secagg
-    # (SecAgg+) | ckks (CKKS sum by the server) | ckks_ring (PPPML-HMI's cyclic ring).
-    config.secure = ml_collections.ConfigDict(
-        dict(
-            aggregator="plain",
-            max_weight=0.0,  # public bound on client weights; 0 = the largest client's count
-            secagg=dict(
-                threshold=0.66,  # Shamir t: an int, or a fraction of the k + 1 shares
-                neighbours=0,  # k; 0 = complete graph, else an even number >= 4
-                clip_range=8.0,  # Flower's SecAgg+ defaults: clip to +-8, 2^22 levels, mod 2^32
-                quantization_bits=22,
-                modulus_bits=32,
-                dropout_probs=(0.0, 0.0, 0.0),  # per stage: keys, shares, masked input
-            ),
-            ckks=dict(
-                poly_modulus_degree=8192,
-                coeff_mod_bit_sizes=(60, 60),
-                global_scale_bits=40,
-                symmetric=True,
-                ring_sigma=1e4,  # ckks_ring: std of the initiator's mask R (PPPML-HMI)
-            ),
-        )
-    )
-    config.rounds = 10
-    config.clients_per_round = 0  # clients sampled each round; 0 = all
-    config.client_fraction = 0.0  # or a fraction of clients in (0, 1]; 0 = use clients_per_round
-    # "fixed": exactly that many clients a round; "poisson": each client independently with
-    # probability client_fraction (what user-level DP accounting assumes; random count).
-    config.client_sampling = "fixed"
-    config.strategy = "auto"  # auto | vmap | chunked | loop
-    config.chunk_size = 64
-    config.eval_every = 1
-    config.eval_batch_size = 256
-    config.checkpoint_every = 5  # rounds; the last round is always saved
-    return config
+    return default_config()

@@ -14,26 +14,27 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments.cli import config_or_exit, describe_configs, parse_flags_or_exit, run_or_exit
+from jaxfl.errors import UserError
 from jaxfl.logs import setup_launcher_logging
 from jaxfl.sweep import run_sweep, to_markdown
+
+__doc__ += describe_configs()
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.")
 _SWEEP = flags.DEFINE_multi_string(
     "sweep", [], "KEY=V1,V2,...: a config field and its values; repeat for a grid."
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the summary.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("debug", False, "Show the full traceback of errors.")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = config_or_exit(_CONFIG)
     setup_launcher_logging()
-    try:
-        rows = run_sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value)
-    except ValueError as e:
-        # A bad --sweep: a clear message, no traceback (errors inside runs are in the summary).
-        sys.exit(f"error: {e}")
+    rows = run_or_exit(_sweep, config)
     print(to_markdown(rows), end="")
     failed = [row["run"] for row in rows if row["status"] == "failed"]
     if failed:
@@ -43,5 +44,17 @@ def main(argv: list[str]) -> None:
         )
 
 
+def _sweep(config):
+    """The sweep; a bad ``--sweep`` value is a user error (errors inside runs are in the
+    summary)."""
+    try:
+        return run_sweep(config, _SWEEP.value, _WORKDIR.value)
+    except UserError:
+        raise
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
 if __name__ == "__main__":
-    app.run(main)
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -18,12 +18,13 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from jaxfl.algorithms.base import ServerState
+from jaxfl.errors import UserError
 
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_FIELDS = frozenset({"rounds", "checkpoint_every", "dp.allow_exceeding_budget"})
 
 
-class ConfigMismatchError(RuntimeError):
+class ConfigMismatchError(UserError, RuntimeError):
     """The workdir holds a run made with a different config."""
 
 

@@ -25,6 +25,7 @@ from jaxfl.data import (
     shifts_from_config,
     synthetic_dataset,
 )
+from jaxfl.errors import ConfigError
 from jaxfl.models import get_model
 from jaxfl.personalize import LocalOnly, PersonalizedEval, make_personalized_eval
 from jaxfl.privacy.plan import PrivacyPlan
@@ -93,7 +94,15 @@ def build_federated_data(config: ml_collections.ConfigDict, dataset: Dataset) ->
     # partition.seed, when set, pins the split independently of the training seed (the BloodMNIST
     # paper's split uses numpy seed 42 whatever the run's seed).
     seed = p.get("seed", config.seed)
-    indices = partition(p.name, dataset.train.labels, config.num_clients, seed, **kwargs)
+    try:
+        indices = partition(p.name, dataset.train.labels, config.num_clients, seed, **kwargs)
+    except ValueError as e:
+        fields = ", ".join(f"config.partition.{k}={p[k]!r}" for k in PARTITION_ARGS[p.name])
+        raise ConfigError(
+            f"config.partition.name={p.name!r} ({fields or 'no parameters'}) cannot split "
+            f"{len(dataset.train.labels)} training examples over config.num_clients="
+            f"{config.num_clients}: {e}"
+        ) from e
     fed = build_federated(dataset, indices, heldout_fraction=p.heldout_fraction, seed=config.seed)
     shifts = build_shifts(config, is_3d=dataset.train.images.ndim == 5)
     if all(s.is_identity for s in shifts):

@@ -294,7 +294,9 @@ class Simulator:
             except SecAggError as e:
                 # Too many simulated dropouts to unmask: like a real deployment, the round
                 # fails and the global model stays as it was (logged and in the metrics).
-                logging.warning("Round %d: secure aggregation failed, no update: %s", round_idx, e)
+                logging.warning(
+                    "round %d: secure aggregation failed, no update: %s", round_idx + 1, e
+                )
                 out["secure_failed"] = 1.0
                 return state, out
             mean = result.mean

@@ -23,8 +23,10 @@ from typing import Any
 import ml_collections
 
 from jaxfl.checkpoint import check_same_config
+from jaxfl.errors import UserError
 from jaxfl.metrics import read_metrics
 from jaxfl.train import train_and_evaluate
+from jaxfl.validate import validate_config
 
 RECORD_FILE = "sweep_run.json"
 # Columns after the run name and the swept values, in this order.
@@ -354,7 +356,10 @@ def run_one(
             status = "done"
         _write_record(run_dir, {**record, "status": status})
     except Exception as e:  # one bad grid point must not lose the rest of the sweep
-        logging.exception("Run %s failed", run_dir.name)
+        if isinstance(e, UserError):  # its message says what to fix; no traceback
+            logging.error("Run %s failed: %s", run_dir.name, e)
+        else:
+            logging.exception("Run %s failed", run_dir.name)
         _write_record(run_dir, {**record, "status": "failed", "error": f"{type(e).__name__}: {e}"})
         status = "failed"
     return status
@@ -378,8 +383,10 @@ def run_sweep(
             f"Sweep values give clashing run directory names {names}; "
             "use values that differ in letters or digits."
         )
-    # Build every config first, so a bad value fails before hours of training.
+    # Build and validate every config first, so a bad value fails before hours of training.
     configs = [apply_overrides(config, p) for p in points]
+    for run_config in configs:
+        validate_config(run_config)
     for i, (point, name, run_config) in enumerate(zip(points, names, configs, strict=True), 1):
         logging.info("Sweep run %d/%d: %s", i, len(points), name)
         status = run_one(run_config, workdir / name, point, train_fn)

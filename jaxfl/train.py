@@ -17,8 +17,10 @@ from tqdm.auto import tqdm
 
 from jaxfl import factories
 from jaxfl.checkpoint import Checkpointer, check_same_config
+from jaxfl.errors import WorkdirError
 from jaxfl.evaluate import evaluate_clients, evaluate_global, make_predict_fn
 from jaxfl.metrics import read_metrics
+from jaxfl.privacy import accounting
 from jaxfl.privacy.plan import plan_privacy, uncovered_metrics
 from jaxfl.simulate import INIT_STREAM, num_sampled_clients
 from jaxfl.validate import validate_config, validate_dataset
@@ -39,6 +41,28 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _usable_workdir(workdir: str | os.PathLike) -> Path:
+    """``workdir`` as a Path, created and checked writable; a :class:`WorkdirError` otherwise."""
+    if not str(workdir).strip():
+        raise WorkdirError(
+            "the workdir is empty: it would write config.json, metrics.jsonl and checkpoints/ "
+            "into the current directory; pass --workdir=DIR (e.g. /tmp/jaxfl_run)."
+        )
+    path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise WorkdirError(f"--workdir={path} is a file, not a directory; choose another path.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".jaxfl_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise WorkdirError(
+            f"cannot write to --workdir={path} ({e.strerror or e}); choose a writable directory."
+        ) from e
+    return path
+
+
 def _truncate_metrics(path: Path, rounds_done: int) -> list[dict[str, Any]]:
     """Keep only the rounds covered by the checkpoint we resume from (later ones are redone)."""
     kept = [m for m in read_metrics(path) if m["round"] <= rounds_done]
@@ -54,13 +78,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     last checkpoint (refusing if the config differs). Returns the last round's metrics.
     """
     validate_config(config)
-    workdir = Path(workdir)
+    workdir = _usable_workdir(workdir)
     metrics_path = workdir / "metrics.jsonl"
-    if metrics_path.exists():
+    # Only a run with a checkpoint is resumed, so only then must the config match: a run that
+    # failed before its first checkpoint never blocks a corrected re-run.
+    if any((workdir / "checkpoints").glob("[0-9]*")):
         check_same_config(workdir, config)
     dataset = factories.build_dataset(config)
     validate_dataset(config, dataset)
-    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
     fed = factories.build_federated_data(config, dataset)
@@ -93,16 +118,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if start_round > 0:
         state = checkpointer.restore(state)
         logging.info("Resuming %s from the checkpoint after round %d", workdir, start_round)
-    logging.info(
-        "%s on %s: %d clients (%d per round), strategy %s, rounds %d..%d",
-        config.algorithm.name,
-        fed.name,
-        runner.num_clients,
-        runner.per_round,
-        runner.strategy,
-        start_round + 1,
-        config.rounds,
-    )
+    if start_round >= config.rounds:
+        logging.info(
+            "%s already holds all %d rounds; raise --config.rounds to continue it",
+            workdir,
+            config.rounds,
+        )
+    else:
+        logging.info(
+            "%s on %s: %d clients (%d per round), strategy %s, rounds %d..%d",
+            config.algorithm.name,
+            fed.name,
+            runner.num_clients,
+            runner.per_round,
+            runner.strategy,
+            start_round + 1,
+            config.rounds,
+        )
+    if privacy.mode != "none":
+        skipped = accounting.take_convergence_warnings()
+        if skipped:
+            logging.info(
+                "dp: planned with dp-accounting (%s); its RDP series did not converge for %d "
+                "(order, noise) pairs tried, which it leaves out: epsilon is still an upper bound",
+                config.dp.accountant,
+                skipped,
+            )
+        warn_if_noise_dominated(privacy, config, np.asarray(fed.train.counts), params)
 
     # Which source the privacy-relevant draws came from (README: secure randomness).
     randomness = "os_csprng" if config.get("secure_randomness", False) else "seeded"
@@ -146,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 f.write(json.dumps(metrics) + "\n")
             ledger = {"noise_multipliers": privacy.ledger(r + 1)} if privacy.epsilons_for else {}
             checkpointer.maybe_save(r + 1, state, ledger, force=r + 1 == config.rounds)
-            _report(bar, metrics, config.rounds)
+            _report(bar, metrics, config.rounds, start, r + 1 - start_round)
     finally:
         checkpointer.close()
     return metrics
@@ -161,17 +203,65 @@ def _per_client(name: str, values: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _report(bar, metrics: dict[str, Any], rounds: int) -> None:
-    """Show a round's loss/accuracy on the progress bar, or as a log line without one."""
+def _report(bar, metrics: dict[str, Any], rounds: int, start: float, done: int) -> None:
+    """Show a round's loss/accuracy on the progress bar, or as a log line without one.
+
+    The log line ends with an ETA from this session's mean time per round (``done`` rounds
+    since ``start``), as tqdm shows on a terminal.
+    """
     keys = ("train_loss", "test_accuracy", "personalized_accuracy_mean")
     summary = {k: metrics[k] for k in keys if metrics.get(k) is not None}
     if bar.disable:
+        left = rounds - metrics["round"]
+        eta = (time.perf_counter() - start) / max(done, 1) * left
         logging.info(
-            "round %d/%d %s (%.1fs)",
+            "round %d/%d %s (%.1fs; ETA %s)",
             metrics["round"],
             rounds,
             " ".join(f"{k}={v:.4f}" for k, v in summary.items()),
             metrics["round_time_s"],
+            _duration(eta) if left else "done",
         )
     else:
         bar.set_postfix({k: f"{v:.4f}" for k, v in summary.items()})
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m03s`` / ``2m03s`` / ``3s``."""
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def warn_if_noise_dominated(privacy, config, counts: np.ndarray, params) -> float:
+    """Log the plan's noise-to-signal ratio per round; warn when noise swamps every update.
+
+    The ratio compares the noise's L2 norm with the largest signal the clipping allows in what
+    a round releases: ``z * sqrt(D / K)`` for the mean of K locally noised updates (local
+    update DP), ``z * sqrt(D) / (q K)`` for central DP's noised mean. Above 1 the round's
+    update is mostly noise and the run cannot learn. DP-SGD's ratio per step, ``z * sqrt(D) /
+    B``, is above 1 for most models and still trains (its noise averages out over many steps),
+    so it is only logged. Returns the ratio.
+    """
+    dim = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+    z, k = privacy.noise_multiplier, len(counts)
+    if privacy.mode == "record":
+        ratio, what = z * np.sqrt(dim) / config.local.batch_size, "each DP-SGD step's batch mean"
+    elif privacy.mode == "local_update":
+        ratio, what = z * np.sqrt(dim / k), f"the mean of {k} noised updates"
+    else:
+        expected = privacy.update_dp.expected_clients
+        ratio, what = z * np.sqrt(dim) / expected, f"the noised mean over {expected:g} clients"
+    logging.info(
+        "dp: noise multiplier %.4g on %d parameters: noise/signal %.3g in %s",
+        z, dim, ratio, what,
+    )  # fmt: skip
+    if ratio > 1 and privacy.mode != "record":
+        logging.warning(
+            "dp: the noise is %.3g x the largest clipped signal in %s: every update is mostly "
+            "noise and this run will barely learn. Use more clients (config.num_clients), a "
+            "larger budget (config.dp.target_epsilon), fewer rounds (config.rounds), or "
+            "record-level DP (config.dp.mode='record').",
+            ratio, what,
+        )  # fmt: skip
+    return float(ratio)

@@ -6,13 +6,18 @@ bad command line fails in a second instead of deep inside XLA.
 
 from __future__ import annotations
 
+import difflib
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 import numpy as np
 
 from jaxfl.data import MissingDataError, medmnist_path
-from jaxfl.data.medmnist import missing_data_message
+from jaxfl.data.medmnist import MEDMNIST_INFO, missing_data_message
+from jaxfl.defaults import OPTIONAL_FIELDS, default_config
+from jaxfl.errors import ConfigError
 from jaxfl.factories import (
     ALGORITHMS,
     DATA_SOURCES,
@@ -26,6 +31,7 @@ from jaxfl.models import MODELS
 from jaxfl.privacy.dp_sgd import PER_EXAMPLE_MODES
 from jaxfl.privacy.plan import DP_MODES
 from jaxfl.secure.aggregators import AGGREGATORS
+from jaxfl.secure.secagg import graph_parameters
 from jaxfl.simulate import STRATEGIES, num_sampled_clients
 from jaxfl.types import Dataset
 
@@ -33,8 +39,32 @@ from jaxfl.types import Dataset
 MIN_SPATIAL = 4
 
 
-class ConfigError(ValueError):
-    """One or more config fields are invalid; the message lists each with a fix."""
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+@functools.cache
+def known_fields() -> frozenset[str]:
+    """Every dotted config field jaxfl reads (``jaxfl.defaults``)."""
+    return frozenset(_flatten(default_config().to_dict())) | frozenset(OPTIONAL_FIELDS)
+
+
+def unknown_field_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """One message per field of ``config`` that jaxfl does not know, with the closest name."""
+    known = known_fields()
+    errors = []
+    for field in sorted(_flatten(config.to_dict())):
+        if field in known or any(field.startswith(f"{o}.") for o in OPTIONAL_FIELDS):
+            continue
+        close = difflib.get_close_matches(field, known, n=1, cutoff=0.6)
+        hint = f"did you mean config.{close[0]}?" if close else "jaxfl/defaults.py lists them"
+        errors.append(f"config.{field} is not a known field ({hint}); it would be ignored.")
+    return errors
 
 
 def _choice(errors: list[str], field: str, value, valid) -> None:
@@ -51,7 +81,9 @@ def _positive(errors: list[str], field: str, value, kind: Callable = int) -> Non
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Check names, ranges and the data file of ``config``; raise :class:`ConfigError`."""
-    errors: list[str] = []
+    errors = unknown_field_errors(config)
+    if errors:  # the checks below would trip over a misspelled section
+        raise ConfigError.of(errors)
     _choice(errors, "algorithm.name", config.algorithm.name, ALGORITHMS)
     _choice(errors, "model.name", config.model.name, MODELS)
     _choice(errors, "partition.name", config.partition.name, PARTITION_ARGS)
@@ -101,12 +133,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _validate_dp(config, errors)
     _validate_personalization(config, errors)
     _validate_secure(config, errors)
-    if config.data.source == "medmnist" and config.data.get("fallback", "") != "synthetic":
+    if config.data.source == "medmnist" and config.data.name.lower() not in MEDMNIST_INFO:
+        errors.append(
+            f"config.data.name={config.data.name!r} is not a MedMNIST dataset; choose one of "
+            f"{', '.join(sorted(MEDMNIST_INFO))} (or config.data.source='synthetic')."
+        )
+    elif config.data.source == "medmnist" and config.data.get("fallback", "") != "synthetic":
         path = medmnist_path(config.data.name, config.data.data_dir or None, config.data.size)
         if not path.exists():
             raise MissingDataError(missing_data_message(path, config.data.name, config.data.size))
     if errors:
-        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+        raise ConfigError.of(errors)
 
 
 def validate_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
@@ -130,7 +167,7 @@ def validate_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> Non
     except ValueError as e:
         errors.append(f"config.heterogeneity: {e}")
     if errors:
-        raise ConfigError("Invalid config for this data:\n  - " + "\n  - ".join(errors))
+        raise ConfigError.of(errors, "invalid config for this data")
 
 
 def _validate_secure(config: ml_collections.ConfigDict, errors: list[str]) -> None:
@@ -150,10 +187,23 @@ def _validate_secure(config: ml_collections.ConfigDict, errors: list[str]) -> No
         errors.append("algorithm 'local' aggregates nothing; set secure.aggregator='plain'.")
     if sec.max_weight < 0:
         errors.append(f"config.secure.max_weight={sec.max_weight} must be >= 0 (0 = auto).")
+    threshold = sec.secagg.threshold
+    if sec.aggregator == "secagg" and threshold > 1 and threshold != int(threshold):
+        errors.append(
+            f"config.secure.secagg.threshold={threshold}: a share count must be a whole number "
+            "(a fraction of the shares lies in (0.5, 1])."
+        )
+        return
     try:  # builds keys/contexts for CKKS: cheap enough (< 1 s) to catch bad parameters early
-        build_host_aggregator(config, np.ones(config.num_clients))
+        aggregator = build_host_aggregator(config, np.ones(config.num_clients))
+        if sec.aggregator == "secagg" and isinstance(config.num_clients, int):
+            # (k, t) for the clients a round aggregates: checked now, not after round 1.
+            per_round = num_sampled_clients(clients_per_round(config), config.num_clients)
+            graph_parameters(aggregator.config, max(per_round, 2))
     except (ValueError, TypeError) as e:
-        errors.append(f"config.secure ({sec.aggregator}): {e}")
+        message = str(e).replace("SecAggConfig.", "config.secure.secagg.")
+        message = message.replace("CKKSParams.", "config.secure.ckks.")
+        errors.append(f"config.secure ({sec.aggregator}): {message}")
 
 
 def _validate_personalization(config: ml_collections.ConfigDict, errors: list[str]) -> None:

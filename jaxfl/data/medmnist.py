@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxfl.errors import DataFileError, UserError
 from jaxfl.types import Dataset, Split
 
 DATA_DIR_ENV = "JAXFL_DATA_DIR"
@@ -26,7 +27,7 @@ SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(UserError, FileNotFoundError):
     """A MedMNIST file is not where jaxfl looked; the message says how to get it."""
 
 
@@ -115,7 +116,7 @@ def missing_data_message(path: Path, name: str, size: int = 28) -> str:
         f"  put the file in that directory, or point jaxfl at the directory holding it with the "
         f"config field `data_dir` or the environment variable {DATA_DIR_ENV}=/path/to/dir.\n"
         f"  With network access you can also run (medmnist needs the directory to exist):\n"
-        f"    mkdir -p '{root}' && pip install 'jaxfl[medmnist]' && \\\n"
+        f"    mkdir -p '{root}' && pip install -e '.[medmnist]' && \\\n"
         f"    python -c \"import medmnist; medmnist.{cls}(split='train', download=True, "
         f"root='{root}', size={size})\""
     )
@@ -150,7 +151,7 @@ def _add_channel_axis(images: np.ndarray, is_3d: bool, key: str) -> np.ndarray:
         if images.ndim != 4:
             raise ValueError(
                 f"{key}: a 3D dataset needs images [N, D, H, W], got shape {images.shape}; "
-                "pass is_3d=False (or a name not ending in '3d') for 2D RGB images"
+                "is it a 2D dataset's file under a 3D name (config.data.name)?"
             )
         return images[..., None]
     if images.ndim == 3:
@@ -159,7 +160,7 @@ def _add_channel_axis(images: np.ndarray, is_3d: bool, key: str) -> np.ndarray:
         return images
     raise ValueError(
         f"{key}: 2D images must be gray [N, H, W] or RGB [N, H, W, 3], got shape {images.shape}; "
-        "for volumes [N, D, H, W] use a name ending in '3d' or pass is_3d=True"
+        "is it a 3D dataset's file under a 2D name (config.data.name)?"
     )
 
 
@@ -199,7 +200,7 @@ def arrays_to_dataset(
     if missing:
         raise ValueError(
             f"{source} lacks keys {missing}; an official MedMNIST file has keys "
-            f"{list(REQUIRED_KEYS)}. Re-download it (see medmnist_url) or fix the writer."
+            f"{list(REQUIRED_KEYS)}; re-download it or fix the program that wrote it."
         )
     volumetric = _is_3d(flag) if is_3d is None else bool(is_3d)
 
@@ -268,8 +269,11 @@ def load_medmnist(
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-        raise ValueError(
-            f"Could not read {path} as a MedMNIST .npz ({err}); the file may be truncated or "
+        raise DataFileError(
+            f"could not read {path} as a MedMNIST .npz ({err}); the file may be truncated or "
             f"not an npz. Delete it and re-download from {medmnist_url(flag, size)}"
         ) from err
-    return arrays_to_dataset(arrays, flag, source=str(path))
+    try:
+        return arrays_to_dataset(arrays, flag, source=str(path))
+    except ValueError as err:
+        raise DataFileError(f"{err} (official file: {medmnist_url(flag, size)})") from err

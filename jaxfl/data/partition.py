@@ -113,8 +113,9 @@ def dirichlet(
             return _finish([np.concatenate(g) for g in groups])
     raise ValueError(
         f"dirichlet: after {DIRICHLET_MAX_TRIES} draws some client still had fewer than "
-        f"min_size={min_size} examples (best smallest client: {smallest}) with alpha={alpha}, "
-        f"num_clients={k}, N={y.size}; use a larger alpha, fewer clients or a smaller min_size"
+        f"{min_size} example(s) (best smallest client: {smallest}) with alpha={alpha}, "
+        f"num_clients={k}, N={y.size}; use a larger alpha or fewer clients"
+        + (" or a smaller min_size" if min_size > 1 else "")
     )
 
 

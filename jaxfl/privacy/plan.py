@@ -13,6 +13,7 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
+from jaxfl.errors import ConfigError, UserError
 from jaxfl.privacy import accounting, calibrate
 from jaxfl.privacy.dp_sgd import DPSGD
 from jaxfl.privacy.update_dp import UpdateDP
@@ -43,7 +44,7 @@ def uncovered_metrics(metrics: dict) -> list[str]:
     return sorted(k for k in metrics if k in UNCOVERED_KEYS or k.startswith(UNCOVERED_PREFIXES))
 
 
-class PrivacyBudgetError(ValueError):
+class PrivacyBudgetError(UserError, ValueError):
     """Continuing the run would spend more than its configured privacy budget."""
 
 
@@ -107,8 +108,22 @@ def plan_privacy(
     batch, epochs = config.local.batch_size, config.local.epochs
     num_clients = len(client_sizes)
     history = tuple(float(z) for z in history)
+    # delta must be far below 1/n for every unit the accountant protects: each record of every
+    # client (record, local_update), or each client (user_level).
+    covered = num_clients if dp.mode == "user_level" else int(np.max(client_sizes))
+    if not delta < 1.0 / covered:
+        unit = (
+            f"{covered} clients" if dp.mode == "user_level"
+            else f"the largest client's {covered} training examples"
+        )  # fmt: skip
+        raise ConfigError(
+            f"config.dp.delta={delta} >= 1/n = {1.0 / covered:.3g} for {unit} "
+            f"(dp.mode={dp.mode!r}): such a delta allows leaking a whole "
+            f"{'client' if dp.mode == 'user_level' else 'record'}. Use config.dp.delta <= "
+            f"{1.0 / (10 * covered):.1e}."
+        )
     if dp.mode == "user_level" and poisson_rate is None and clients_per_round != num_clients:
-        raise ValueError(
+        raise ConfigError(
             "config.dp.mode='user_level' with client sampling needs Poisson sampling (what the "
             "accountant assumes): set client_sampling='poisson' and client_fraction=q, or "
             "clients_per_round=0 and client_fraction=0 for all clients every round."
@@ -122,7 +137,7 @@ def plan_privacy(
             )
 
         # Calibrate the max over clients: each client's epsilon depends on its own size.
-        z = _noise(dp, epsilons_for, rounds, history, int(np.min(client_sizes)))
+        z = _noise(dp, epsilons_for, rounds, history, int(np.max(client_sizes)))
         dp_sgd = DPSGD(dp.clip_norm, z, dp.microbatch_size, dp.per_example)
         return PrivacyPlan("record", z, delta, dp_sgd, None, epsilons_for, history)
 
@@ -142,7 +157,7 @@ def plan_privacy(
             # Each round's release is (per_round_epsilon, delta)-DP with the true sensitivity C;
             # the rounds still compose, and the reported epsilon says what the run costs.
             one_round = lambda z: float(epsilons_for([z])[0])
-            z = calibrate.calibrate_noise_multiplier(one_round, dp.per_round_epsilon, delta)
+            z = _calibrate(one_round, dp.per_round_epsilon, delta, None, "per_round_epsilon")
         else:
             z = _noise(dp, epsilons_for, rounds, history, None)
         update_dp = UpdateDP("local", dp.clip_norm, z * dp.clip_norm)
@@ -184,9 +199,7 @@ def _noise(dp, epsilons_for, rounds: int, history: tuple[float, ...], num_exampl
         return float(np.max(epsilons_for([*past, *[z] * (rounds - len(past))])))
 
     target = dp.target_epsilon
-    fresh = calibrate.calibrate_noise_multiplier(
-        lambda z: run_epsilon(z, ()), target, dp.delta, num_examples=num_examples
-    )
+    fresh = _calibrate(lambda z: run_epsilon(z, ()), target, dp.delta, num_examples)
     # A run resumed with its own schedule (killed, same rounds) keeps exactly its noise.
     if not history or run_epsilon(fresh) <= target:
         logging.info("dp: calibrated noise multiplier %.4f for epsilon=%g", fresh, target)
@@ -199,7 +212,7 @@ def _noise(dp, epsilons_for, rounds: int, history: tuple[float, ...], num_exampl
     )
     squeezed = None
     if run_epsilon(calibrate.MAX_NOISE_MULTIPLIER) <= target:
-        squeezed = calibrate.calibrate_noise_multiplier(run_epsilon, target, dp.delta, num_examples)
+        squeezed = _calibrate(run_epsilon, target, dp.delta, num_examples)
         # Within twice a fresh run's noise the remaining rounds still learn: stay in budget.
         if squeezed <= MAX_SQUEEZE * fresh:
             logging.info(
@@ -225,3 +238,11 @@ def _noise(dp, epsilons_for, rounds: int, history: tuple[float, ...], num_exampl
         message, remaining, fresh, total,
     )  # fmt: skip
     return fresh
+
+
+def _calibrate(epsilon_fn, target, delta, num_examples, field="target_epsilon") -> float:
+    """:func:`calibrate.calibrate_noise_multiplier`, its errors naming the config field."""
+    try:
+        return calibrate.calibrate_noise_multiplier(epsilon_fn, target, delta, num_examples)
+    except ValueError as e:
+        raise ConfigError(f"config.dp.{field}={target:g}: {e}") from e
