@@ -293,6 +293,7 @@ def test_missing_file_message(tmp_path):
     assert "https://zenodo.org/records/10519652/files/bloodmnist.npz?download=1" in msg
     assert DATA_DIR_ENV in msg and "data_dir" in msg
     assert "medmnist.BloodMNIST(split='train', download=True" in msg
+    assert 'pip install -e ".[medmnist]"' in msg  # README's spelling
     assert isinstance(err.value, FileNotFoundError)
 
 

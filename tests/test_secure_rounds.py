@@ -105,4 +105,5 @@ def test_a_round_that_cannot_be_unmasked_fails_loudly(tiny_model, tiny_params, c
     with caplog.at_level("WARNING"):
         new_state, metrics = sim.run_round(state, 0)
     assert metrics["secure_failed"] == 1.0 and "secure aggregation failed" in caplog.text
+    assert "round 1: secure" in caplog.text  # rounds count from 1, as the progress does
     assert max_abs_diff(new_state.params, tiny_params) == 0.0

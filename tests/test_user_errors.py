@@ -206,11 +206,11 @@ def test_secure_aggregation_is_validated_before_training(secagg, expected):
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_a_fix(tmp_path):
-    bad = _config(**{"dp.mode": "record", "dp.target_epsilon": 1e-4})
+    bad = _config(**{"dp.mode": "local_update", "dp.target_epsilon": 1e-4})  # unreachable
     with pytest.raises(ConfigError):
         train_and_evaluate(bad, tmp_path)
     assert (tmp_path / "config.json").exists()
-    fixed = _config(**{"dp.mode": "record", "dp.target_epsilon": 8.0})
+    fixed = _config(**{"dp.mode": "local_update", "dp.target_epsilon": 8.0})
     assert train_and_evaluate(fixed, tmp_path)["round"] == 1
 
 

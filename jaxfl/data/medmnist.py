@@ -116,7 +116,7 @@ def missing_data_message(path: Path, name: str, size: int = 28) -> str:
         f"  put the file in that directory, or point jaxfl at the directory holding it with the "
         f"config field `data_dir` or the environment variable {DATA_DIR_ENV}=/path/to/dir.\n"
         f"  With network access you can also run (medmnist needs the directory to exist):\n"
-        f"    mkdir -p '{root}' && pip install -e '.[medmnist]' && \\\n"
+        f"    mkdir -p '{root}' && pip install -e \".[medmnist]\" && \\\n"
         f"    python -c \"import medmnist; medmnist.{cls}(split='train', download=True, "
         f"root='{root}', size={size})\""
     )
