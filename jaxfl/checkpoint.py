@@ -18,6 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from jaxfl.algorithms.base import ServerState
+from jaxfl.defaults import flatten_fields
 from jaxfl.errors import UserError
 
 # Fields that may change between a run and its resumption without changing its results.
@@ -26,15 +27,6 @@ RESUMABLE_FIELDS = frozenset({"rounds", "checkpoint_every", "dp.allow_exceeding_
 
 class ConfigMismatchError(UserError, RuntimeError):
     """The workdir holds a run made with a different config."""
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -47,8 +39,8 @@ def check_same_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     path = workdir / "config.json"
     if not path.exists():
         return
-    old = _flatten(json.loads(path.read_text()))
-    new = _flatten(config_to_dict(config))
+    old = flatten_fields(json.loads(path.read_text()))
+    new = flatten_fields(config_to_dict(config))
     diffs = [
         f"  {k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
         for k in sorted(old.keys() | new.keys())

@@ -7,12 +7,24 @@ that is not here (a typo such as ``local.learnig_rate``) is refused by
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 # Fields a config may add although the defaults leave them out (they change nothing unset):
 # partition.seed pins the split independently of `seed`; heterogeneity.clients lists per-client
 # shift dicts.
 OPTIONAL_FIELDS = ("partition.seed", "heterogeneity.clients")
+
+
+def flatten_fields(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict (``config.to_dict()``, ``config.json``) as ``{"a.b.c": leaf}``."""
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flatten_fields(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
 
 
 def default_config() -> ml_collections.ConfigDict:

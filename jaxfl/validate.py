@@ -9,14 +9,13 @@ from __future__ import annotations
 import difflib
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import ml_collections
 import numpy as np
 
 from jaxfl.data import MissingDataError, medmnist_path
 from jaxfl.data.medmnist import MEDMNIST_INFO, missing_data_message
-from jaxfl.defaults import OPTIONAL_FIELDS, default_config
+from jaxfl.defaults import OPTIONAL_FIELDS, default_config, flatten_fields
 from jaxfl.errors import ConfigError
 from jaxfl.factories import (
     ALGORITHMS,
@@ -39,26 +38,17 @@ from jaxfl.types import Dataset
 MIN_SPATIAL = 4
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 @functools.cache
 def known_fields() -> frozenset[str]:
     """Every dotted config field jaxfl reads (``jaxfl.defaults``)."""
-    return frozenset(_flatten(default_config().to_dict())) | frozenset(OPTIONAL_FIELDS)
+    return frozenset(flatten_fields(default_config().to_dict())) | frozenset(OPTIONAL_FIELDS)
 
 
 def unknown_field_errors(config: ml_collections.ConfigDict) -> list[str]:
     """One message per field of ``config`` that jaxfl does not know, with the closest name."""
     known = known_fields()
     errors = []
-    for field in sorted(_flatten(config.to_dict())):
+    for field in sorted(flatten_fields(config.to_dict())):
         if field in known or any(field.startswith(f"{o}.") for o in OPTIONAL_FIELDS):
             continue
         close = difflib.get_close_matches(field, known, n=1, cutoff=0.6)
