@@ -63,6 +63,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+# jaxfl from this checkout (installed or not) and the sibling benchmark modules.
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+import throughput  # noqa: E402 - needs the path above; light (no jax at import)
+
 SECTIONS = ("throughput", "dpresnet", "dp_overhead", "perfedavg", "throughput_e4")
 THROUGHPUT_ROWS = ("loop_baseline", "single_batch_limit", "loop", "chunked", "vmap")
 START, ROW, ENV = "@@START ", "@@ROW ", "@@ENV "
@@ -204,8 +209,6 @@ def plan_rows(sections: list[str], s: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _throughput_row(row: dict, s: dict, budget_s: float) -> dict:
-    import throughput
-
     argv = [
         f"--clients={row['clients']}",
         f"--batch-size={s['batch_size']}",
@@ -334,7 +337,6 @@ def worker(rows_file: str, settings: dict) -> None:
     """Run the rows in ``rows_file`` in order, printing START / ROW protocol lines."""
     import gc
 
-    sys.path[:0] = [str(ROOT), str(HERE)]
     from jaxfl.runtime import tune_cpu_malloc
 
     tune_cpu_malloc()  # as benchmarks/throughput.py does for every row
@@ -378,6 +380,7 @@ class Suite:
         self.deadline = self.t0 + self.settings["budget_s"]
         self.env: dict[str, Any] = {}
         self.results: dict[str, dict] = {}
+        self.order: list[str] = []
         self.started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         if args.resume and self.json_path.exists():
             old = json.loads(self.json_path.read_text())
@@ -486,20 +489,21 @@ class Suite:
         self.write()
 
     def rows(self) -> list[dict]:
-        ordered = [self.results[i] for i in getattr(self, "order", []) if i in self.results]
-        extra = [r for i, r in self.results.items() if i not in getattr(self, "order", [])]
+        ordered = [self.results[i] for i in self.order if i in self.results]
+        extra = [r for i, r in self.results.items() if i not in self.order]
         rows = ordered + extra
-        add_ratios(rows)
+        throughput.add_ratios([r for r in rows if r["kind"] == "throughput"], key=_group)
         return rows
 
     def report(self) -> dict:
+        rows = self.rows()
         return {
             "environment": {**self.env, **host_info()},
             "settings": {**self.settings, "preset": self.args.preset},
             "started_utc": self.started,
             "wall_s": time.monotonic() - self.t0,
-            "fastest": fastest_rows(self.rows()),
-            "rows": self.rows(),
+            "fastest": fastest_rows(rows),
+            "rows": rows,
         }
 
     def write(self) -> None:
@@ -549,22 +553,6 @@ def host_info() -> dict[str, Any]:
 
 def _group(row: dict) -> tuple:
     return (row["section"], row["model"], row["clients"], row.get("local_steps"))
-
-
-def add_ratios(rows: list[dict]) -> None:
-    """``ratio_vs_loop`` and ``fraction_of_limit`` within each (section, model, K, E) group."""
-    by_group: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        by_group.setdefault(_group(r), {})[r["strategy"]] = r
-    for r in rows:
-        if r["kind"] != "throughput":
-            continue
-        same = by_group[_group(r)]
-        loop = (same.get("loop_baseline") or {}).get("updates_per_s")
-        limit = (same.get("single_batch_limit") or {}).get("updates_per_s")
-        ups = r.get("updates_per_s")
-        r["ratio_vs_loop"] = ups / loop if ups and loop else None
-        r["fraction_of_limit"] = ups / limit if ups and limit else None
 
 
 def fastest_rows(rows: list[dict]) -> list[dict]:

@@ -352,13 +352,14 @@ def run_row_inline(args, num_clients: int, strategy: str) -> dict:
 # --------------------------------------------------------------------------- report
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """Fill ``loop_updates_per_s``, ``ratio_vs_loop`` and ``fraction_of_limit`` per client count."""
-    by_k: dict[int, dict[str, dict]] = {}
+def add_ratios(rows: list[dict], key: Callable[[dict], Any] = lambda r: r["clients"]) -> None:
+    """Fill ``loop_updates_per_s``, ``ratio_vs_loop`` and ``fraction_of_limit`` within each
+    group of rows with the same ``key`` (by default the client count)."""
+    by_k: dict[Any, dict[str, dict]] = {}
     for r in rows:
-        by_k.setdefault(r["clients"], {})[r["strategy"]] = r
+        by_k.setdefault(key(r), {})[r["strategy"]] = r
     for r in rows:
-        same_k = by_k[r["clients"]]
+        same_k = by_k[key(r)]
         loop = (same_k.get(BASELINE) or {}).get("updates_per_s")
         limit = (same_k.get(LIMIT) or {}).get("updates_per_s")
         ups = r.get("updates_per_s")

@@ -6,6 +6,7 @@ import ast
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from absl import flags
 
@@ -29,7 +30,7 @@ def _debug() -> bool:
     return "--debug" in sys.argv[1:] or "--debug=true" in (a.lower() for a in sys.argv[1:])
 
 
-def _exit_with(e: BaseException) -> None:
+def _exit_with(e: BaseException) -> NoReturn:
     """Print a flag or config-loading error as one ``error:`` line and exit with status 2."""
     if _debug():
         raise e
@@ -59,7 +60,6 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except _LOAD_ERRORS as e:
         _exit_with(e)
-        raise  # unreachable: _exit_with exits
 
 
 def config_or_exit(holder):
@@ -71,7 +71,6 @@ def config_or_exit(holder):
         return config
     except _LOAD_ERRORS as e:
         _exit_with(e)
-        raise  # unreachable
 
 
 def config_source() -> str:

@@ -20,6 +20,7 @@ from jaxfl.checkpoint import Checkpointer, check_same_config
 from jaxfl.errors import WorkdirError
 from jaxfl.evaluate import evaluate_clients, evaluate_global, make_predict_fn
 from jaxfl.metrics import read_metrics
+from jaxfl.models import count_params
 from jaxfl.privacy import accounting
 from jaxfl.privacy.plan import plan_privacy, uncovered_metrics
 from jaxfl.simulate import INIT_STREAM, num_sampled_clients
@@ -243,7 +244,7 @@ def warn_if_noise_dominated(privacy, config, counts: np.ndarray, params) -> floa
     B``, is above 1 for most models and still trains (its noise averages out over many steps),
     so it is only logged. Returns the ratio.
     """
-    dim = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+    dim = count_params(params)
     z, k = privacy.noise_multiplier, len(counts)
     if privacy.mode == "record":
         ratio, what = z * np.sqrt(dim) / config.local.batch_size, "each DP-SGD step's batch mean"

@@ -28,28 +28,33 @@ class _CountConvergenceWarnings(logging.Filter):
     hundreds of such calls. :func:`take_convergence_warnings` reports the count once.
     """
 
-    count = 0
+    def __init__(self):
+        super().__init__()
+        self.count = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         if "failed to converge" in record.getMessage():
-            _CountConvergenceWarnings.count += 1
+            self.count += 1
             return False
         return True
 
 
+_CONVERGENCE = _CountConvergenceWarnings()
+
+
 @contextlib.contextmanager
 def _quiet_accountant():
-    logger, quiet = logging.getLogger("absl"), _CountConvergenceWarnings()
-    logger.addFilter(quiet)
+    logger = logging.getLogger("absl")
+    logger.addFilter(_CONVERGENCE)
     try:
         yield
     finally:
-        logger.removeFilter(quiet)
+        logger.removeFilter(_CONVERGENCE)
 
 
 def take_convergence_warnings() -> int:
     """How many per-order convergence warnings were dropped since the last call (then 0)."""
-    count, _CountConvergenceWarnings.count = _CountConvergenceWarnings.count, 0
+    count, _CONVERGENCE.count = _CONVERGENCE.count, 0
     return count
 
 

@@ -137,7 +137,7 @@ def plan_privacy(
             )
 
         # Calibrate the max over clients: each client's epsilon depends on its own size.
-        z = _noise(dp, epsilons_for, rounds, history, int(np.max(client_sizes)))
+        z = _noise(dp, epsilons_for, rounds, history)
         dp_sgd = DPSGD(dp.clip_norm, z, dp.microbatch_size, dp.per_example)
         return PrivacyPlan("record", z, delta, dp_sgd, None, epsilons_for, history)
 
@@ -157,9 +157,9 @@ def plan_privacy(
             # Each round's release is (per_round_epsilon, delta)-DP with the true sensitivity C;
             # the rounds still compose, and the reported epsilon says what the run costs.
             one_round = lambda z: float(epsilons_for([z])[0])
-            z = _calibrate(one_round, dp.per_round_epsilon, delta, None, "per_round_epsilon")
+            z = _calibrate(one_round, dp.per_round_epsilon, delta, "per_round_epsilon")
         else:
-            z = _noise(dp, epsilons_for, rounds, history, None)
+            z = _noise(dp, epsilons_for, rounds, history)
         update_dp = UpdateDP("local", dp.clip_norm, z * dp.clip_norm)
         return PrivacyPlan("local_update", z, delta, None, update_dp, epsilons_for, history)
 
@@ -167,7 +167,7 @@ def plan_privacy(
         q = 1.0 if poisson_rate is None else poisson_rate
         user_event = lambda z, r: accounting.user_level_event(z, q, r)
         epsilons_for = _uniform_epsilons(user_event, delta, acc, 1)
-        z = _noise(dp, epsilons_for, rounds, history, num_clients)
+        z = _noise(dp, epsilons_for, rounds, history)
         # Fixed denominator: the expected number of clients, so one client moves the mean by
         # at most C / (q K) whatever the realized sample.
         update_dp = UpdateDP("central", dp.clip_norm, z * dp.clip_norm, q * num_clients)
@@ -187,9 +187,11 @@ def _uniform_epsilons(
     return epsilons_for
 
 
-def _noise(dp, epsilons_for, rounds: int, history: tuple[float, ...], num_examples) -> float:
+def _noise(dp, epsilons_for, rounds: int, history: tuple[float, ...]) -> float:
     """The noise multiplier of the rounds after ``history``: ``dp.noise_multiplier``, or with
-    ``dp.target_epsilon`` the smallest one keeping the whole run's max epsilon within it."""
+    ``dp.target_epsilon`` the smallest one keeping the whole run's max epsilon within it.
+
+    (delta against 1/n is checked once, by :func:`plan_privacy`, for every mode.)"""
     if dp.target_epsilon <= 0:
         return float(dp.noise_multiplier)
     if history and len(history) >= rounds:
@@ -199,9 +201,13 @@ def _noise(dp, epsilons_for, rounds: int, history: tuple[float, ...], num_exampl
         return float(np.max(epsilons_for([*past, *[z] * (rounds - len(past))])))
 
     target = dp.target_epsilon
-    fresh = _calibrate(lambda z: run_epsilon(z, ()), target, dp.delta, num_examples)
+    fresh = _calibrate(lambda z: run_epsilon(z, ()), target, dp.delta)
+    if not history:
+        logging.info("dp: calibrated noise multiplier %.4f for epsilon=%g", fresh, target)
+        return fresh
+    total = run_epsilon(fresh)  # the history, then a fresh run's noise
     # A run resumed with its own schedule (killed, same rounds) keeps exactly its noise.
-    if not history or run_epsilon(fresh) <= target:
+    if total <= target:
         logging.info("dp: calibrated noise multiplier %.4f for epsilon=%g", fresh, target)
         return fresh
     spent = float(np.max(epsilons_for(history)))
@@ -212,14 +218,13 @@ def _noise(dp, epsilons_for, rounds: int, history: tuple[float, ...], num_exampl
     )
     squeezed = None
     if run_epsilon(calibrate.MAX_NOISE_MULTIPLIER) <= target:
-        squeezed = _calibrate(run_epsilon, target, dp.delta, num_examples)
+        squeezed = _calibrate(run_epsilon, target, dp.delta)
         # Within twice a fresh run's noise the remaining rounds still learn: stay in budget.
         if squeezed <= MAX_SQUEEZE * fresh:
             logging.info(
                 "dp: %s; the remaining rounds use noise multiplier %.4f", message, squeezed
             )
             return squeezed
-    total = run_epsilon(fresh)
     if not dp.allow_exceeding_budget:
         within = (
             "no noise keeps the run within it"
@@ -240,9 +245,9 @@ def _noise(dp, epsilons_for, rounds: int, history: tuple[float, ...], num_exampl
     return fresh
 
 
-def _calibrate(epsilon_fn, target, delta, num_examples, field="target_epsilon") -> float:
+def _calibrate(epsilon_fn, target, delta, field="target_epsilon") -> float:
     """:func:`calibrate.calibrate_noise_multiplier`, its errors naming the config field."""
     try:
-        return calibrate.calibrate_noise_multiplier(epsilon_fn, target, delta, num_examples)
+        return calibrate.calibrate_noise_multiplier(epsilon_fn, target, delta)
     except ValueError as e:
         raise ConfigError(f"config.dp.{field}={target:g}: {e}") from e

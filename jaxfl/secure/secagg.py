@@ -150,10 +150,10 @@ def graph_parameters(config: SecAggConfig, num_clients: int) -> tuple[int, int]:
             f"SecAggConfig.neighbours={k} must be even (each client links to neighbours/2 "
             f"clients on either side of a ring) or >= {K - 1} (complete graph) for {K} clients"
         )
-    least = MIN_SPARSE_NEIGHBOURS
-    if k < min(least, K - 1):
+    if k < min(MIN_SPARSE_NEIGHBOURS, K - 1):
         raise ValueError(
-            f"SecAggConfig.neighbours={k} is too sparse for {K} clients: use at least {least} "
+            f"SecAggConfig.neighbours={k} is too sparse for {K} clients: use at least "
+            f"{MIN_SPARSE_NEIGHBOURS} "
             "(with 2, a ring, any two non-adjacent dropouts split the survivors into groups "
             "whose sums the server would learn), or 0 for the complete graph"
         )
