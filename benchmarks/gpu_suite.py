@@ -4,7 +4,7 @@ What it measures (preset ``gpu``, the default), each row of the same shape as th
 comes from:
 
 - ``throughput`` / ``throughput_e4``: ``benchmarks/throughput.py`` rows (``vmap``, ``chunked``,
-  ``loop``, ``loop_baseline``, ``single_batch_limit``) for SmallCNN, batch 16, at 8, 64, 512,
+  ``loop``, ``shard_map`` over every visible device, ``loop_baseline``, ``single_batch_limit``) for SmallCNN, batch 16, at 8, 64, 512,
   2,048 and 10,000 clients, with 1 and 4 local steps;
 - ``dpresnet``: the same rows for DPResNet (4.8 M parameters) at 10 and 64 clients;
 - ``dp_overhead``: ``benchmarks/dp_overhead.py`` (plain vs DP-SGD round) with the ``vmap``
@@ -69,7 +69,7 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 import throughput  # noqa: E402 - needs the path above; light (no jax at import)
 
 SECTIONS = ("throughput", "dpresnet", "dp_overhead", "perfedavg", "throughput_e4")
-THROUGHPUT_ROWS = ("loop_baseline", "single_batch_limit", "loop", "chunked", "vmap")
+THROUGHPUT_ROWS = ("loop_baseline", "single_batch_limit", "loop", "chunked", "vmap", "shard_map")
 START, ROW, ENV = "@@START ", "@@ROW ", "@@ENV "
 # Tests' fault injection: {"row id": "crash" | "hang"} makes the worker die or stall at that row.
 INJECT_ENV = "JAXFL_GPU_SUITE_INJECT"
@@ -316,7 +316,7 @@ def environment() -> dict[str, Any]:
     """Device, versions and memory of this process's JAX backend."""
     import jax
 
-    from jaxfl.simulate import resolve_strategy
+    from jaxfl.backends import resolve_strategy
 
     device = jax.devices()[0]
     try:
@@ -559,7 +559,7 @@ def fastest_rows(rows: list[dict]) -> list[dict]:
     """Per throughput group: the fastest engine strategy, to compare with ``auto``'s choice."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        if r["kind"] != "throughput" or r["strategy"] not in ("vmap", "chunked", "loop"):
+        if r["kind"] != "throughput" or r["strategy"] not in ("vmap", "chunked", "loop", "shard_map"):
             continue
         if r.get("updates_per_s") and (
             _group(r) not in best or r["updates_per_s"] > best[_group(r)]["updates_per_s"]

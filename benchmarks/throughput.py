@@ -54,11 +54,11 @@ from typing import Any
 
 from jaxfl.runtime import NO_TUNING_ENV, peak_rss_mib, tune_cpu_malloc
 
-ENGINE_STRATEGIES = ("vmap", "chunked", "loop", "auto")
+ENGINE_STRATEGIES = ("vmap", "chunked", "scan", "loop", "shard_map", "auto")
 BASELINE, LIMIT = "loop_baseline", "single_batch_limit"
 ALL_ROWS = (*ENGINE_STRATEGIES, BASELINE, LIMIT)
 # Rows needed to fill ratio fields are run first for each client count.
-ROW_ORDER = (BASELINE, LIMIT, "auto", "loop", "chunked", "vmap")
+ROW_ORDER = (BASELINE, LIMIT, "auto", "loop", "scan", "shard_map", "chunked", "vmap")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -161,9 +161,9 @@ def engine_round_fn(args, num_clients: int, strategy: str) -> tuple[Callable[[in
         jax.block_until_ready(new_state)
         return metrics
 
-    extra = {"resolved": sim.strategy}
+    extra = {"resolved": sim.strategy, "devices": len(getattr(sim.backend, "devices", [None]))}
     if sim.strategy == "chunked":
-        extra["chunk_size"] = sim.chunk_size
+        extra["chunk_size"] = args.chunk_size
     return run, extra
 
 

@@ -37,8 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--strategies",
+        default="auto,loop",
+        help="jaxfl rows: comma-separated client-execution strategies (auto, loop, shard_map, ...)",
+    )
     p.add_argument("--json", default=None)
-    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: jaxfl | torch
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: torch | jaxfl:S
     return p.parse_args(argv)
 
 
@@ -71,7 +76,7 @@ def _timed(run_round, args) -> dict:
     }
 
 
-def jaxfl_row(args) -> dict:
+def jaxfl_row(args, strategy: str) -> dict:
     import jax
     import numpy as np
     import optax
@@ -91,13 +96,19 @@ def jaxfl_row(args) -> dict:
     arrays = ClientArrays(
         images, labels, np.ones(labels.shape, np.float32), np.full(args.clients, args.examples)
     )
-    sim = Simulator(algorithm, arrays, strategy="loop")
+    sim = Simulator(algorithm, arrays, strategy=strategy)
     state = sim.init(params)
 
     def run_round(r):
         jax.block_until_ready(sim.run_round(state, r)[0])
 
-    return {"row": "jaxfl", "params": count_params(params), **_timed(run_round, args)}
+    return {
+        "row": f"jaxfl:{strategy}",
+        "resolved": sim.strategy,
+        "devices": len(getattr(sim.backend, "devices", [jax.devices()[0]])),
+        "params": count_params(params),
+        **_timed(run_round, args),
+    }
 
 
 def torch_row(args) -> dict:
@@ -175,10 +186,12 @@ def main(argv=None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.row:
-        print(json.dumps(jaxfl_row(args) if args.row == "jaxfl" else torch_row(args)))
+        kind, _, strategy = args.row.partition(":")
+        print(json.dumps(jaxfl_row(args, strategy) if kind == "jaxfl" else torch_row(args)))
         return []
     rows = []
-    for row in ("torch", "jaxfl"):
+    jaxfl_rows = [f"jaxfl:{s}" for s in args.strategies.split(",") if s]
+    for row in ("torch", *jaxfl_rows):
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--row", row]
         out = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
@@ -191,7 +204,7 @@ def main(argv=None) -> list[dict]:
                  cpu_count=os.cpu_count())  # fmt: skip
         s = r.get("seconds_per_round")
         r["speed_vs_torch"] = torch_s / s if s and torch_s else None
-    print(f"{'row':6s} {'s/round':>9s} {'s/step':>8s} {'CPU%':>6s} {'vs torch':>9s}  error")
+    print(f"{'row':16s} {'s/round':>9s} {'s/step':>8s} {'CPU%':>6s} {'vs torch':>9s}  error")
     for r in rows:
         cells = [
             _fmt(r.get(k), spec)
@@ -202,7 +215,7 @@ def main(argv=None) -> list[dict]:
                 ("speed_vs_torch", "9.2f"),
             ]
         ]
-        print(f"{r['row']:6s} {' '.join(cells)}  {r.get('error', '')}")
+        print(f"{r['row']:16s} {' '.join(cells)}  {r.get('error', '')}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

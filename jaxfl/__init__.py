@@ -1,3 +1,7 @@
 """jaxfl: a vectorized federated-learning simulator for privacy-preserving medical imaging."""
 
+from jaxfl.runtime import configure_cpu_devices
+
 __version__ = "0.1.0"
+
+configure_cpu_devices()

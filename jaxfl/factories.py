@@ -12,6 +12,7 @@ import optax
 
 from jaxfl.algorithms import FederatedAlgorithm, classification_loss, fedavg, fedprox
 from jaxfl.algorithms.perfedavg import perfedavg
+from jaxfl.backends import ClientBackend, make_backend
 from jaxfl.data import (
     HELDOUT_STREAM,
     TRAIN_STREAM,
@@ -30,7 +31,7 @@ from jaxfl.models import get_model
 from jaxfl.personalize import LocalOnly, PersonalizedEval, make_personalized_eval
 from jaxfl.privacy.plan import PrivacyPlan
 from jaxfl.secure.aggregators import HostAggregator, make_host_aggregator
-from jaxfl.simulate import Simulator, resolve_strategy
+from jaxfl.simulate import Simulator
 from jaxfl.types import ClientArrays, Dataset, FederatedData
 
 # "local" is the local-only baseline (no communication), run by LocalOnly, not a Simulator.
@@ -191,12 +192,9 @@ def build_algorithm(
     raise ValueError(f"config.algorithm.name={name!r}; choose one of {ALGORITHMS}.")
 
 
-def map_batch(config: ml_collections.ConfigDict, num_clients: int) -> int | None:
-    """How many clients ``lax.map`` vmaps at once: None (one by one) under ``loop``."""
-    strategy = resolve_strategy(config.strategy)
-    if strategy == "loop":
-        return None
-    return num_clients if strategy == "vmap" else min(config.chunk_size, num_clients)
+def build_backend(config: ml_collections.ConfigDict) -> ClientBackend:
+    """The execution backend of ``config.strategy`` (and ``config.chunk_size``)."""
+    return make_backend(config.strategy, chunk_size=config.chunk_size)
 
 
 def build_host_aggregator(
@@ -247,7 +245,7 @@ def build_runner(
             batch_size=config.local.batch_size,
             epochs=config.local.epochs,
             seed=config.seed,
-            map_batch=map_batch(config, train.num_clients),
+            backend=build_backend(config),
         )
         return runner, None
     algorithm = build_algorithm(config, model, privacy)
@@ -255,8 +253,7 @@ def build_runner(
         algorithm,
         train,
         seed=config.seed,
-        strategy=config.strategy,
-        chunk_size=config.chunk_size,
+        backend=build_backend(config),
         clients_per_round=sampling,
         poisson_rate=rate,
         host_aggregator=build_host_aggregator(config, np.asarray(train.counts)),
@@ -266,9 +263,10 @@ def build_runner(
 
 
 def build_personalized_eval(
-    config: ml_collections.ConfigDict, model, num_clients: int
+    config: ml_collections.ConfigDict, model, backend: ClientBackend
 ) -> PersonalizedEval | None:
-    """Adapt-then-test evaluation from ``config.personalization`` (None when disabled)."""
+    """Adapt-then-test evaluation from ``config.personalization`` (None when disabled), mapping
+    clients through ``backend`` (the runner's)."""
     p = config.get("personalization")
     if p is None or not p.enabled or config.algorithm.name == "local":
         return None
@@ -279,7 +277,7 @@ def build_personalized_eval(
         adapt_lr=p.adapt_lr,
         batch_size=config.local.batch_size,
         seed=config.seed,
-        map_batch=map_batch(config, num_clients),
+        backend=backend,
     )
 
 

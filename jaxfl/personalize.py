@@ -6,8 +6,7 @@ algorithm so comparisons are fair: every client starts from the current global m
 tested on its own held-out split. :class:`LocalOnly` trains one model per client with no
 communication at all, for the same number of rounds and local epochs.
 
-Clients are mapped with ``jax.lax.map`` inside one jit: ``map_batch=None`` runs them one after
-another (the fast choice on CPU), an int vmaps that many at a time.
+Clients are mapped through a :mod:`jaxfl.backends` backend, the same one the simulator uses.
 """
 
 from __future__ import annotations
@@ -20,8 +19,9 @@ import numpy as np
 import optax
 
 from jaxfl.algorithms.base import ServerState, epoch_permutation, local_train
+from jaxfl.backends import ClientBackend, make_backend
 from jaxfl.evaluate import per_client_accuracy
-from jaxfl.simulate import CLIENT_STREAM, PERSONALIZE_STREAM, Simulator, client_key
+from jaxfl.simulate import CLIENT_STREAM, PERSONALIZE_STREAM, Simulator, client_key, client_rows
 from jaxfl.types import ClientArrays, ClientData, LossFn, Params, PRNGKey
 
 
@@ -62,9 +62,24 @@ def _correct(apply_fn: Callable[..., jax.Array], params: Params, data: ClientDat
     return jnp.sum((jnp.argmax(logits, -1) == data.labels) * data.mask)
 
 
-def _rows(arrays: ClientArrays) -> ClientData:
-    """The client arrays as a ClientData pytree with a leading client axis (for lax.map)."""
-    return ClientData(arrays.images, arrays.labels, arrays.mask, arrays.counts)
+class _Placed:
+    """``backend.place`` of the last pytrees it was given, reused while the same arrays come back
+    (evaluation gets the same client arrays every round: place them once)."""
+
+    def __init__(self, backend: ClientBackend):
+        self.backend = backend
+        self._src: tuple | None = None
+        self._placed = None
+
+    def __call__(self, *trees):
+        leaves = jax.tree.leaves(trees)
+        if self._src is None or any(a is not b for a, b in zip(self._src, leaves, strict=True)):
+            self._src, self._placed = leaves, self.backend.place(trees)
+        return self._placed
+
+
+def _all(num_clients: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.arange(num_clients, dtype=np.int32), np.ones(num_clients, bool)
 
 
 PersonalizedEval = Callable[[Params, ClientArrays, ClientArrays, int], np.ndarray]
@@ -78,12 +93,13 @@ def make_personalized_eval(
     adapt_lr: float,
     batch_size: int,
     seed: int,
-    map_batch: int | None = None,
+    backend: ClientBackend | None = None,
 ) -> PersonalizedEval:
     """``(global params, train [K,...], heldout [K,...], round) -> accuracy [K]`` after adapting.
 
     Client ``c`` adapts with key ``fold_in(fold_in(stream, round), c)``, so results do not depend
-    on ``map_batch``. ``adapt_steps = 0`` tests the global model itself.
+    on the ``backend`` (default: ``make_backend("auto")``). ``adapt_steps = 0`` tests the global
+    model itself.
     """
     if adapt_steps < 0 or (adapt_steps and adapt_lr <= 0):
         raise ValueError(
@@ -91,29 +107,30 @@ def make_personalized_eval(
             f"{adapt_steps=}, {adapt_lr=}."
         )
     stream = jax.random.fold_in(jax.random.key(seed), PERSONALIZE_STREAM)
+    backend = backend or make_backend("auto")
+    placed = _Placed(backend)
 
-    @jax.jit
-    def correct(params, train, heldout, round_idx):
-        def one(xs):
-            cid, tr, ho = xs
-            p = adapt_params(
-                loss_fn,
-                params,
-                tr,
-                client_key(stream, round_idx, cid),
-                steps=adapt_steps,
-                lr=adapt_lr,
-                batch_size=batch_size,
-            )
-            return _correct(apply_fn, p, ho)
+    def one(shared, client, cid, valid):
+        del valid  # padding slots' outputs are dropped by the backend
+        params, round_idx = shared
+        train, heldout = client
+        p = adapt_params(
+            loss_fn,
+            params,
+            train,
+            client_key(stream, round_idx, cid),
+            steps=adapt_steps,
+            lr=adapt_lr,
+            batch_size=batch_size,
+        )
+        return _correct(apply_fn, p, heldout)
 
-        ids = jnp.arange(train.counts.shape[0], dtype=jnp.int32)
-        return jax.lax.map(one, (ids, _rows(train), _rows(heldout)), batch_size=map_batch)
+    correct = backend.map(one)
 
     def evaluate(params, train, heldout, round_idx):
-        return per_client_accuracy(
-            correct(params, train, heldout, jnp.int32(round_idx)), heldout.counts
-        )
+        per_client = placed(client_rows(train), client_rows(heldout))
+        counts = correct((params, jnp.int32(round_idx)), per_client, *_all(train.num_clients))
+        return per_client_accuracy(counts, heldout.counts)
 
     return evaluate
 
@@ -136,27 +153,27 @@ class LocalOnly:
         batch_size: int,
         epochs: int,
         seed: int = 0,
-        map_batch: int | None = None,
+        backend: ClientBackend | None = None,
     ):
-        self.train = ClientArrays(*(jnp.asarray(a) for a in train))
+        self.backend = backend or make_backend("auto")
         self.num_clients = self.per_round = train.num_clients
-        self.strategy = "local-only"
+        self.train = train
+        self._train_c = self.backend.place(client_rows(train))
+        self.strategy = f"local-only ({self.backend.name})"
         client_stream = jax.random.fold_in(jax.random.key(seed), CLIENT_STREAM)
 
-        @jax.jit
-        def round_fn(stacked, arrays, round_idx):
-            def one(xs):
-                cid, p, data = xs
-                key = client_key(client_stream, round_idx, cid)
-                res = local_train(
-                    loss_fn, optimizer, p, data, key, batch_size=batch_size, epochs=epochs
-                )
-                return res.params, (res.loss_sum, res.correct, res.num_seen, res.num_steps)
+        def one(shared, client, cid, valid):
+            params, data = client
+            key = client_key(client_stream, shared, cid)
+            res = local_train(
+                loss_fn, optimizer, params, data._replace(count=jnp.where(valid, data.count, 0)),
+                key, batch_size=batch_size, epochs=epochs,
+            )  # fmt: skip
+            return res.params, (res.loss_sum, res.correct, res.num_seen, res.num_steps)
 
-            ids = jnp.arange(self.num_clients, dtype=jnp.int32)
-            return jax.lax.map(one, (ids, stacked, _rows(arrays)), batch_size=map_batch)
-
-        self._round = round_fn
+        self._round = self.backend.map(one)
+        self._correct: Callable | None = None
+        self._placed_heldout = _Placed(self.backend)
 
     def init(self, params: Params) -> ServerState:
         """Every client starts from the same ``params``; the state holds them stacked."""
@@ -166,7 +183,9 @@ class LocalOnly:
     def run_round(self, state: ServerState, round_idx: int) -> tuple[ServerState, dict]:
         """One round of local training on every client; returns the state and round metrics."""
         params, (loss_sum, correct, seen, steps) = self._round(
-            state.params, self.train, jnp.int32(round_idx)
+            jnp.int32(round_idx),
+            (self.backend.place(state.params), self._train_c),
+            *_all(self.num_clients),
         )
         sums = {
             "loss_sum": jnp.sum(loss_sum),
@@ -179,11 +198,11 @@ class LocalOnly:
 
     def evaluate(self, state: ServerState, heldout: ClientArrays, apply_fn) -> np.ndarray:
         """Each client's own model on its own held-out split: accuracy ``[K]``."""
-        correct = _local_correct(apply_fn, state.params, heldout)
+        if self._correct is None:
+            self._correct = self.backend.map(
+                lambda shared, client, cid, valid: _correct(apply_fn, *client)
+            )
+        (heldout_c,) = self._placed_heldout(client_rows(heldout))
+        per_client = (self.backend.place(state.params), heldout_c)
+        correct = self._correct((), per_client, *_all(self.num_clients))
         return per_client_accuracy(correct, heldout.counts)
-
-
-@jax.jit(static_argnums=0)
-def _local_correct(apply_fn, stacked: Params, heldout: ClientArrays) -> jax.Array:
-    """Correct counts ``[K]`` of per-client models ``stacked [K, ...]`` on their held-out data."""
-    return jax.lax.map(lambda xs: _correct(apply_fn, *xs), (stacked, _rows(heldout)))

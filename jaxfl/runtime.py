@@ -1,4 +1,4 @@
-"""Process-level tuning for XLA:CPU, and the process's peak memory for benchmarks."""
+"""Process-level tuning for XLA:CPU (host devices, allocator), and peak memory for benchmarks."""
 
 from __future__ import annotations
 
@@ -9,6 +9,60 @@ import resource
 import sys
 
 NO_TUNING_ENV = "JAXFL_NO_MALLOC_TUNING"
+CPU_DEVICES_ENV = "JAXFL_CPU_DEVICES"
+# What configure_cpu_devices decided, for the run log (it runs before logging is set up).
+cpu_device_choice = "not configured by jaxfl"
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def configure_cpu_devices() -> int | None:
+    """Expose one XLA:CPU device per usable core, so ``auto`` shards clients over all of them.
+
+    XLA:CPU runs one device's program on about one core plus a shared intra-op pool (measured
+    113-177% CPU for DPResNet on 2 cores); with one device per core, ``shard_map`` keeps every
+    core busy (196%, 0.89 vs 1.05 s per DPResNet step). Runs at ``import jaxfl``; it must come
+    before JAX starts its backends, and it leaves the count alone when the user chose one
+    (``JAX_NUM_CPU_DEVICES``, ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` or
+    ``jax.config.update("jax_num_cpu_devices", n)``). ``JAXFL_CPU_DEVICES=n`` picks ``n``
+    (``1``: a single device, as plain JAX). Accelerators are unaffected: only the CPU backend
+    reads this setting. Returns the count it set, or None.
+    """
+    global cpu_device_choice
+    import jax
+
+    user_flags = os.environ.get("XLA_FLAGS", "")
+    if (
+        "xla_force_host_platform_device_count" in user_flags
+        or os.environ.get("JAX_NUM_CPU_DEVICES")
+        or jax.config.jax_num_cpu_devices != -1
+    ):
+        cpu_device_choice = "set by the user (JAX/XLA settings)"
+        return None
+    requested = os.environ.get(CPU_DEVICES_ENV)
+    try:
+        count = int(requested) if requested else usable_cores()
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(
+            f"{CPU_DEVICES_ENV}={requested!r} must be a positive number of CPU devices "
+            "(1 for a single device)."
+        )
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except Exception:  # JAX already ran an operation: its device count is fixed now
+        cpu_device_choice = "left as JAX had it (JAX was in use before jaxfl was imported)"
+        return None
+    source = f"{CPU_DEVICES_ENV}={requested}" if requested else "one per usable core"
+    cpu_device_choice = f"{count} XLA:CPU devices ({source}; {CPU_DEVICES_ENV}=1 for one)"
+    return count
 
 
 @functools.cache

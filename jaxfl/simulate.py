@@ -1,30 +1,22 @@
-"""The one place where clients are mapped: execution strategies and the federated round.
+"""The federated round: sampling, client updates through an execution backend, aggregation.
 
 A round is a pure function of (server state, client data, round index). How the sampled clients'
-``client_update`` calls are executed is a *strategy*, invisible to algorithms:
+``client_update`` calls are executed is the job of a :mod:`jaxfl.backends` backend (``vmap``,
+``chunked``, ``scan``, ``loop``, ``shard_map``; ``auto`` picks one for the visible devices),
+invisible to algorithms. All backends compute the same weighted mean (up to float summation
+order) because every client's key is ``fold_in(fold_in(client_stream, round), client_id)``.
 
-- ``vmap``: every sampled client in one ``jax.vmap`` inside one ``jax.jit`` (the accelerator
-  design target);
-- ``chunked``: ``lax.scan`` over chunks of ``chunk_size`` clients, vmapped within a chunk and
-  accumulating the weighted sum, so memory is bounded by the chunk, still one jit per round;
-- ``loop``: a Python loop calling one jitted per-client step that adds the client's weighted
-  update into a running sum (fastest on a small CPU, where vmapped convolutions become slow
-  grouped convolutions); it also applies :func:`jaxfl.runtime.tune_cpu_malloc`;
-- ``auto``: ``loop`` on CPU, ``chunked`` elsewhere (see README's performance section).
-
-All strategies compute the same weighted mean (up to float summation order) because every
-client's key is ``fold_in(fold_in(client_stream, round), client_id)``.
-
-With a ``host_aggregator`` (secure aggregation), the strategy's jitted step returns every
-client's flattened update ``[K, D]`` instead of their sum; the host protects and aggregates them
-(numpy in, numpy out, :mod:`jaxfl.secure`) and a jitted server update applies the mean.
+With a ``host_aggregator`` (secure aggregation), the backend maps clients to their flattened
+updates ``[K, D]`` instead of summing them; the host protects and aggregates them (numpy in,
+numpy out, :mod:`jaxfl.secure`) and a jitted server update applies the mean.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import chex
 import jax
@@ -33,34 +25,20 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxfl.algorithms.base import FederatedAlgorithm, ServerState, weighted_mean
+from jaxfl.backends import ClientBackend, make_backend
 from jaxfl.rng import os_key
 from jaxfl.runtime import tune_cpu_malloc
 from jaxfl.secure.entropy import os_uniform
 from jaxfl.secure.secagg import SecAggError
-from jaxfl.tree import tree_add, tree_scale, tree_sum_axis0
+from jaxfl.tree import tree_scale
 from jaxfl.types import ClientArrays, ClientData, Params
 
 if TYPE_CHECKING:
     from jaxfl.secure.aggregators import HostAggregator
 
-STRATEGIES = ("vmap", "chunked", "loop")
-
 # Named RNG streams, folded into the root key derived from the seed (PERSONALIZE_STREAM:
 # the adaptation batches of jaxfl.personalize's evaluation).
 INIT_STREAM, SAMPLE_STREAM, CLIENT_STREAM, SERVER_STREAM, PERSONALIZE_STREAM = 0, 1, 2, 3, 4
-
-
-def resolve_strategy(strategy: str, backend: str | None = None) -> str:
-    """Map ``auto`` to a concrete strategy for ``backend`` (default: JAX's default backend)."""
-    if strategy in STRATEGIES:
-        return strategy
-    if strategy != "auto":
-        raise ValueError(
-            f"Unknown client-execution strategy {strategy!r}; choose one of "
-            f"{('auto',) + STRATEGIES}."
-        )
-    backend = backend or jax.default_backend()
-    return "loop" if backend == "cpu" else "chunked"
 
 
 def num_sampled_clients(spec: int | float | None, num_clients: int) -> int:
@@ -95,26 +73,36 @@ class Aggregate(NamedTuple):
     metrics: dict[str, jax.Array]
 
 
-def _select_client(arrays: ClientArrays, cid: jax.Array, valid: jax.Array) -> ClientData:
+def client_rows(arrays: ClientArrays) -> ClientData:
+    """The client arrays as a :class:`ClientData` pytree with a leading client axis ``[K, ...]``
+    (what backends map over: one client's slice is its ``ClientData``)."""
+    return ClientData(arrays.images, arrays.labels, arrays.mask, arrays.counts)
+
+
+def _masked(data: ClientData, valid: jax.Array) -> ClientData:
     """One client's data; an invalid (padding) slot becomes a client with zero examples."""
-    data = ClientData(arrays.images[cid], arrays.labels[cid], arrays.mask[cid], arrays.counts[cid])
     return data._replace(mask=data.mask * valid, count=jnp.where(valid, data.count, 0))
 
 
 def _contribution(
-    algorithm: FederatedAlgorithm,
-    broadcast: Any,
-    arrays: ClientArrays,
-    cid: jax.Array,
-    valid: jax.Array,
-    client_stream: jax.Array,
-    round_idx: jax.Array,
+    algorithm: FederatedAlgorithm, shared: tuple, data: ClientData, cid: jax.Array, valid
 ) -> Aggregate:
-    """Run one client's update and return its weighted contribution to the aggregate."""
+    """One client's weighted contribution to the aggregate (``shared = (broadcast, client
+    stream, round)``); zeros for an invalid slot, as the backend contract requires."""
+    broadcast, client_stream, round_idx = shared
     out = algorithm.client_update(
-        broadcast, _select_client(arrays, cid, valid), client_key(client_stream, round_idx, cid)
+        broadcast, _masked(data, valid), client_key(client_stream, round_idx, cid)
     )
     return Aggregate(tree_scale(out.update, out.weight), out.weight, out.metrics)
+
+
+def _client_output(algorithm: FederatedAlgorithm, shared: tuple, data, cid, valid):
+    """One client's ``(flat update [D], weight)`` for host aggregation."""
+    broadcast, client_stream, round_idx = shared
+    out = algorithm.client_update(
+        broadcast, _masked(data, valid), client_key(client_stream, round_idx, cid)
+    )
+    return ravel_pytree(out.update)[0], out.weight
 
 
 def _finish(
@@ -130,23 +118,12 @@ def _finish(
     return algorithm.server_update(state, update), agg.metrics
 
 
-def _chunked(slots: np.ndarray, selected: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Client ids and their validity padded to whole chunks: ``[n_chunks, size]`` each.
-
-    Padding slots point at client 0 and are invalid (they run as clients without data).
-    """
-    n_chunks = -(-len(slots) // size)
-    ids = np.zeros(n_chunks * size, np.int32)
-    valid = np.zeros(n_chunks * size, bool)
-    ids[: len(slots)], valid[: len(slots)] = slots, selected
-    return ids.reshape(n_chunks, size), valid.reshape(n_chunks, size)
-
-
 class Simulator:
     """Runs federated rounds of ``algorithm`` over ``train`` client arrays.
 
     ``train`` holds ``K`` clients (``[K, N, ...]``); each round samples ``clients_per_round`` of
-    them (static shape) and runs them with the chosen strategy.
+    them (static shape) and runs them through ``backend`` (default: :func:`make_backend` of
+    ``strategy``, ``chunk_size`` and ``devices``).
     """
 
     def __init__(
@@ -161,6 +138,8 @@ class Simulator:
         poisson_rate: float | None = None,
         host_aggregator: HostAggregator | None = None,
         secure_randomness: bool = False,
+        backend: ClientBackend | None = None,
+        devices: Sequence[jax.Device] | None = None,
     ):
         chex.assert_equal_shape_prefix(tuple(train), 1)
         if host_aggregator is not None and algorithm.aggregate is not weighted_mean:
@@ -171,10 +150,7 @@ class Simulator:
             )
         if poisson_rate is not None and not 0 < poisson_rate <= 1:
             raise ValueError(f"poisson_rate must be in (0, 1], got {poisson_rate}.")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
         self.algorithm = algorithm
-        self.train = ClientArrays(*(jnp.asarray(a) for a in train))
         self.num_clients = train.num_clients
         # Poisson sampling (each client independently with probability q, as user-level DP
         # accounting assumes) overrides the fixed-size clients_per_round.
@@ -184,24 +160,27 @@ class Simulator:
             if poisson_rate is not None
             else num_sampled_clients(clients_per_round, self.num_clients)
         )
-        self.strategy = resolve_strategy(strategy)
-        self.chunk_size = min(chunk_size, self.per_round)
+        # More devices than clients per round would only run padding slots.
+        devices = list(devices if devices is not None else jax.devices())[: self.per_round]
+        self.backend = backend or make_backend(strategy, chunk_size=chunk_size, devices=devices)
+        self.strategy = self.backend.name
+        self._train_c = self.backend.place(client_rows(train))
+        # The placed arrays when they are the clients' (no padding rows), so the data is on the
+        # device once; personalized evaluation maps over ``self.train`` through the backend too.
+        placed = ClientArrays(*self._train_c)
+        self.train = placed if placed.num_clients == self.num_clients else train
         root = jax.random.key(seed)
         self.secure_randomness = secure_randomness
         self.sample_stream = jax.random.fold_in(root, SAMPLE_STREAM)
         self.client_stream = jax.random.fold_in(root, CLIENT_STREAM)
         self.server_stream = jax.random.fold_in(root, SERVER_STREAM)
-        self._round_vmap = jax.jit(self._round_vmap_impl)
-        self._round_chunked = jax.jit(self._round_chunked_impl)
-        self._loop_step = jax.jit(self._loop_step_impl, donate_argnums=0)
-        self._loop_finish = jax.jit(functools.partial(_finish, algorithm))
-        self._aggregate_shapes = None
+        self._sum = self.backend.sum(functools.partial(_contribution, algorithm))
+        self._outputs = self.backend.map(functools.partial(_client_output, algorithm))
+        self._finish = jax.jit(functools.partial(_finish, algorithm))
         self.host_aggregator = host_aggregator
         self._unravel_fn = None
-        self._outputs_vmap = jax.jit(self._outputs_vmap_impl)
-        self._output_one = jax.jit(self._output_one_impl)
         self._server_update = jax.jit(algorithm.server_update)
-        if self.strategy == "loop" and jax.default_backend() == "cpu":
+        if jax.default_backend() == "cpu" and self.strategy in ("loop", "scan", "shard_map"):
             tune_cpu_malloc()
 
     def init(self, params: Params) -> ServerState:
@@ -238,55 +217,28 @@ class Simulator:
         """One federated round; returns the new server state and host-side round metrics."""
         ids = self.sample_clients(round_idx)
         r = jnp.asarray(round_idx, jnp.int32)
-        streams = self.round_streams()
-        # A Poisson sample has a random size: vmap/chunked keep their static shape by running
-        # every client with the unsampled ones masked out (weight 0, no steps).
+        client_stream, server_stream = self.round_streams()
+        # A Poisson sample has a random size: backends keep their static shapes by running
+        # every client slot with the unsampled ones marked invalid (weight 0, no steps).
         slots = np.arange(self.num_clients, dtype=np.int32) if self.poisson_rate else ids
         selected = np.isin(slots, ids)
+        shared = (self.algorithm.broadcast(state), client_stream, r)
         if self.host_aggregator is not None:
-            return self._run_round_host(state, ids, slots, selected, round_idx, streams[0])
-        if self.strategy == "vmap":
-            state, sums = self._round_vmap(
-                state, self.train, jnp.asarray(slots), jnp.asarray(selected), r, streams
-            )
-        elif self.strategy == "chunked":
-            chunks, valid = _chunked(slots, selected, self.chunk_size)
-            state, sums = self._round_chunked(
-                state, self.train, jnp.asarray(chunks), jnp.asarray(valid), r, streams
-            )
-        else:
-            broadcast = self.algorithm.broadcast(state)
-            agg = self._zero_aggregate(broadcast)
-            for cid in ids:
-                agg = self._loop_step(agg, broadcast, self.train, jnp.int32(cid), r, streams[0])
-            state, sums = self._loop_finish(streams[1], state, agg, r)
+            return self._run_round_host(state, shared, slots, selected, round_idx)
+        agg = self._sum(shared, self._train_c, slots, selected)
+        state, sums = self._finish(server_stream, state, agg, r)
         return state, self._round_metrics(sums, len(ids))
 
-    def _run_round_host(self, state, ids, slots, selected, round_idx, client_stream):
+    def _run_round_host(self, state, shared, slots, selected, round_idx):
         """A round whose aggregation runs on the host (secure aggregation)."""
-        r = jnp.asarray(round_idx, jnp.int32)
-        broadcast = self.algorithm.broadcast(state)
-        if self.strategy == "loop":
-            outs = [
-                self._output_one(broadcast, self.train, jnp.int32(c), r, client_stream) for c in ids
-            ]
-            flat = np.stack([np.asarray(o[0]) for o in outs]) if outs else np.zeros((0, 0))
-            weights = np.asarray([float(o[1]) for o in outs])
-        else:
-            # vmap: one call over the round's slots; chunked: one call per chunk (same shapes).
-            size = len(slots) if self.strategy == "vmap" else self.chunk_size
-            parts = []
-            for chunk, valid in zip(*_chunked(slots, selected, size), strict=True):
-                out = self._outputs_vmap(
-                    state, self.train, jnp.asarray(chunk), jnp.asarray(valid), r, client_stream
-                )
-                parts.append([np.asarray(x)[valid] for x in out])
-            flat, weights = (np.concatenate([p[i] for p in parts]) for i in range(2))
-        unravel, size = self._unravel(broadcast)
+        flat, weights = (
+            np.asarray(x) for x in self._outputs(shared, self._train_c, slots, selected)
+        )
+        unravel, size = self._unravel(shared)
         # Only the protocol's output leaves the clients: per-client training sums (loss,
         # accuracy, examples, steps, clipping) would travel in the clear, so none is reported.
-        out = {"clients": len(ids)}
-        if len(ids) == 0 or not np.any(weights > 0):  # nobody to aggregate: no update
+        out = {"clients": int(selected.sum())}
+        if len(weights) == 0 or not np.any(weights > 0):  # nobody to aggregate: no update
             mean = np.zeros(size, np.float32)
         else:
             try:
@@ -306,78 +258,21 @@ class Simulator:
         state = self._server_update(state, unravel(jnp.asarray(mean, jnp.float32)))
         return state, out
 
-    def _unravel(self, broadcast: Any):
+    def _unravel(self, shared: tuple):
         """``(unravel, D)``: the map from a flat ``[D]`` vector to an update pytree."""
-        if self._unravel_fn is None:
-            flat, unravel = ravel_pytree(self._zero_aggregate(broadcast).weighted_update)
-            self._unravel_fn = (unravel, flat.size)
-        return self._unravel_fn
-
-    def _client_output(self, broadcast, arrays, cid, valid, round_idx, client_stream):
-        """One client's ``(flat update [D], weight)`` for host aggregation."""
-        out = self.algorithm.client_update(
-            broadcast,
-            _select_client(arrays, cid, valid),
-            client_key(client_stream, round_idx, cid),
-        )
-        return ravel_pytree(out.update)[0], out.weight
-
-    def _outputs_vmap_impl(self, state, arrays, ids, valid, round_idx, client_stream):
-        broadcast = self.algorithm.broadcast(state)
-        return jax.vmap(self._client_output, in_axes=(None, None, 0, 0, None, None))(
-            broadcast, arrays, ids, valid, round_idx, client_stream
-        )
-
-    def _output_one_impl(self, broadcast, arrays, cid, round_idx, client_stream):
-        return self._client_output(
-            broadcast, arrays, cid, jnp.bool_(True), round_idx, client_stream
-        )
-
-    def _zero_aggregate(self, broadcast: Any) -> Aggregate:
-        """Zeros shaped like one client's contribution (and so like any sum of them)."""
-        if self._aggregate_shapes is None:  # eval_shape re-traces client_update: do it once
-            self._aggregate_shapes = jax.eval_shape(
+        if self._unravel_fn is None:  # eval_shape re-traces client_update: do it once
+            one = jax.tree.map(lambda a: a[0], client_rows(self.train))
+            shapes = jax.eval_shape(
                 functools.partial(_contribution, self.algorithm),
-                broadcast,
-                self.train,
+                shared,
+                one,
                 jnp.int32(0),
                 jnp.bool_(True),
-                self.client_stream,
-                jnp.int32(0),
             )
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._aggregate_shapes)
-
-    def _round_vmap_impl(self, state, arrays, ids, valid, round_idx, streams):
-        client_stream, server_stream = streams
-        broadcast = self.algorithm.broadcast(state)
-        contrib = jax.vmap(
-            functools.partial(_contribution, self.algorithm),
-            in_axes=(None, None, 0, 0, None, None),
-        )(broadcast, arrays, ids, valid, client_stream, round_idx)
-        return _finish(self.algorithm, server_stream, state, tree_sum_axis0(contrib), round_idx)
-
-    def _round_chunked_impl(self, state, arrays, ids_chunks, valid_chunks, round_idx, streams):
-        client_stream, server_stream = streams
-        broadcast = self.algorithm.broadcast(state)
-        run_chunk = jax.vmap(
-            functools.partial(_contribution, self.algorithm),
-            in_axes=(None, None, 0, 0, None, None),
-        )
-
-        def body(acc, chunk):
-            ids, valid = chunk
-            contrib = run_chunk(broadcast, arrays, ids, valid, client_stream, round_idx)
-            return tree_add(acc, tree_sum_axis0(contrib)), None
-
-        init = self._zero_aggregate(broadcast)
-        agg, _ = jax.lax.scan(body, init, (ids_chunks, valid_chunks))
-        return _finish(self.algorithm, server_stream, state, agg, round_idx)
-
-    def _loop_step_impl(self, agg, broadcast, arrays, cid, round_idx, client_stream):
-        contrib = _contribution(
-            self.algorithm, broadcast, arrays, cid, jnp.bool_(True), client_stream, round_idx
-        )
-        return tree_add(agg, contrib)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.weighted_update)
+            flat, unravel = ravel_pytree(zeros)
+            self._unravel_fn = (unravel, flat.size)
+        return self._unravel_fn
 
     @staticmethod
     def _round_metrics(sums: dict[str, jax.Array], num_clients: int) -> dict[str, float]:

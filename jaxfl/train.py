@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxfl import factories
+from jaxfl import factories, runtime
 from jaxfl.checkpoint import Checkpointer, check_same_config
 from jaxfl.errors import WorkdirError
 from jaxfl.evaluate import evaluate_clients, evaluate_global, make_predict_fn
@@ -111,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     runner, algorithm = factories.build_runner(config, model, fed.train, privacy, sampling, rate)
     init_key = jax.random.fold_in(jax.random.key(config.seed), INIT_STREAM)
     params = factories.init_params(model, fed.train.images[0], init_key)
-    personalized_eval = factories.build_personalized_eval(config, model, fed.train.num_clients)
+    personalized_eval = factories.build_personalized_eval(config, model, runner.backend)
     predict_fn = make_predict_fn(model.apply)
     state = runner.init(params)
 
@@ -126,13 +126,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             config.rounds,
         )
     else:
+        if jax.default_backend() == "cpu":
+            logging.info("XLA:CPU: %s", runtime.cpu_device_choice)
         logging.info(
-            "%s on %s: %d clients (%d per round), strategy %s, rounds %d..%d",
+            "%s on %s: %d clients (%d per round), clients run with %s, rounds %d..%d",
             config.algorithm.name,
             fed.name,
             runner.num_clients,
             runner.per_round,
-            runner.strategy,
+            runner.backend.description,
             start_round + 1,
             config.rounds,
         )

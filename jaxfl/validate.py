@@ -13,6 +13,7 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
+from jaxfl.backends import STRATEGIES
 from jaxfl.data import MissingDataError, medmnist_path
 from jaxfl.data.medmnist import MEDMNIST_INFO, missing_data_message
 from jaxfl.defaults import OPTIONAL_FIELDS, default_config, flatten_fields
@@ -31,7 +32,7 @@ from jaxfl.privacy.dp_sgd import PER_EXAMPLE_MODES
 from jaxfl.privacy.plan import DP_MODES
 from jaxfl.secure.aggregators import AGGREGATORS
 from jaxfl.secure.secagg import graph_parameters
-from jaxfl.simulate import STRATEGIES, num_sampled_clients
+from jaxfl.simulate import num_sampled_clients
 from jaxfl.types import Dataset
 
 # Two 2x2 poolings (SmallCNN) / two stride-2 convolutions (DPResNet) need at least 4 voxels.

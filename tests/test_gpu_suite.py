@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
 
@@ -35,7 +37,9 @@ def test_cpu_dry_run_measures_every_row_kind(tmp_path):
     }
     env = report["environment"]
     assert env["backend"] == "cpu" and env["jax_version"] and env["device"]
-    assert env["auto_strategy"] == "loop"
+    # jaxfl exposes one XLA:CPU device per core: auto shards clients when there are several.
+    assert env["auto_strategy"] == ("shard_map" if env["device_count"] > 1 else "loop")
+    assert rows["throughput/cnn/K=4/E=1/shard_map"]["updates_per_s"] > 0
     for r in report["rows"]:
         for key in ("updates_per_s", "ratio_vs_loop", "fraction_of_limit"):
             assert key in r
@@ -50,18 +54,22 @@ def test_cpu_dry_run_measures_every_row_kind(tmp_path):
     assert rows["throughput_e4/cnn/K=2/E=4/loop"]["local_steps"] == 4
     dp = rows["dp_overhead/cnn/K=2/vmap"]
     assert dp["per_example"] == "vmap" and dp["overhead"] > 0
-    assert {f["fastest"] for f in report["fastest"]} <= {"vmap", "chunked", "loop"}
+    assert {f["fastest"] for f in report["fastest"]} <= {"vmap", "chunked", "loop", "shard_map"}
     md = (tmp_path / "gpu_suite.md").read_text()
-    assert "| throughput | cnn | 4 | 1 | vmap |" in md and "auto` resolves to `loop`" in md
+    assert "| throughput | cnn | 4 | 1 | vmap |" in md
+    assert f"auto` resolves to `{env['auto_strategy']}`" in md
 
 
+@pytest.mark.slow  # 30 s of worker restarts and a deliberate timeout; run with -m slow
 def test_a_crashing_or_hanging_row_does_not_stop_the_suite(tmp_path):
     prefix = "throughput/cnn/K=2/E=1/"
     inject = {prefix + "loop": "crash", prefix + "chunked": "hang"}
     flags = ("--sections", "throughput", "--clients", "2", "--row-timeout-s", "12")
     report = run_suite(tmp_path, *flags, inject=inject)
     rows = {r["id"].removeprefix(prefix): r for r in report["rows"]}
-    assert list(rows) == ["loop_baseline", "single_batch_limit", "loop", "chunked", "vmap"]
+    assert list(rows) == [
+        "loop_baseline", "single_batch_limit", "loop", "chunked", "vmap", "shard_map"
+    ]  # fmt: skip
     assert rows["loop"]["error"].startswith("worker exited with code 3")
     assert rows["chunked"]["error"] == "timeout after 12 s"
     for ok in ("loop_baseline", "single_batch_limit", "vmap"):

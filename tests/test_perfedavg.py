@@ -25,22 +25,30 @@ from jaxfl.simulate import Simulator
 from jaxfl.types import ClientArrays, ClientData
 
 COUNTS = [5, 12, 1, 9, 0]
+ALL_STRATEGIES = ("vmap", "chunked", "loop")
 
 
 def _client(counts=(11,), n_slots=16):
     return ClientData(*(jnp.asarray(a[0]) for a in make_client_arrays(list(counts), n_slots)))
 
 
-@pytest.mark.parametrize("variant", ["fo", "hf", "pppml"])
+@pytest.mark.parametrize(
+    "variant, strategies",
+    [("hf", ALL_STRATEGIES), ("fo", ("vmap", "loop")), ("pppml", ("chunked",))]
+    + [
+        pytest.param(v, ("vmap", "chunked", "loop"), marks=pytest.mark.slow)
+        for v in ("fo", "pppml")
+    ],
+)
 def test_every_strategy_matches_a_python_loop_over_unpadded_clients(
-    tiny_model, tiny_params, variant
+    tiny_model, tiny_params, variant, strategies
 ):
     loss = classification_loss(tiny_model.apply)
     algorithm = perfedavg(loss, optax.sgd(1.0), batch_size=4, epochs=2, alpha=0.1, beta=0.05,
                           variant=variant)  # fmt: skip
     arrays = make_client_arrays(COUNTS, n_slots=16)
     ref = reference_round(algorithm, tiny_params, arrays, range(4), 3, 0)  # client 4 is empty
-    for strategy in ("vmap", "chunked", "loop"):
+    for strategy in strategies:
         sim = Simulator(algorithm, arrays, seed=3, strategy=strategy, chunk_size=2)
         state, metrics = sim.run_round(sim.init(tiny_params), 0)
         assert_trees_close(state.params, ref.params)

@@ -10,6 +10,7 @@ import pytest
 from helpers import assert_trees_close, make_client_arrays, max_abs_diff
 
 from jaxfl.algorithms import classification_loss, local_train
+from jaxfl.backends import make_backend
 from jaxfl.evaluate import evaluate_clients, make_predict_fn
 from jaxfl.personalize import LocalOnly, adapt_params, make_personalized_eval
 from jaxfl.simulate import CLIENT_STREAM, client_key
@@ -18,10 +19,11 @@ from jaxfl.types import ClientData
 COUNTS = [6, 11, 3, 8]
 
 
-def _eval(model, steps, map_batch=None, lr=0.2):
+def _eval(model, steps, strategy="loop", lr=0.2):
     loss = classification_loss(model.apply)
     return make_personalized_eval(loss, model.apply, adapt_steps=steps, adapt_lr=lr,
-                                  batch_size=4, seed=0, map_batch=map_batch)  # fmt: skip
+                                  batch_size=4, seed=0,
+                                  backend=make_backend(strategy, chunk_size=2))  # fmt: skip
 
 
 def test_adapt_params_is_sgd_over_fresh_shuffles(tiny_model, tiny_params):
@@ -46,7 +48,7 @@ def test_personalized_accuracy_is_independent_of_client_batching(tiny_model, tin
     train = make_client_arrays(COUNTS, n_slots=12, seed=1)
     heldout = make_client_arrays([4, 3, 2, 5], n_slots=6, seed=2)
     one_by_one = _eval(tiny_model, 3)(tiny_params, train, heldout, 5)
-    vmapped = _eval(tiny_model, 3, map_batch=2)(tiny_params, train, heldout, 5)
+    vmapped = _eval(tiny_model, 3, "chunked")(tiny_params, train, heldout, 5)
     np.testing.assert_allclose(one_by_one, vmapped)
     global_only = _eval(tiny_model, 0)(tiny_params, train, heldout, 5)
     strong = _eval(tiny_model, 20, lr=1.0)(tiny_params, train, heldout, 5)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 
 from configs import debug
@@ -52,7 +53,9 @@ def uninterrupted(tmp_path_factory):
 
 def test_killed_run_resumes_to_identical_metrics(tmp_path, uninterrupted):
     workdir = tmp_path / "run"
-    env = {**os.environ, "CI": "1"}
+    # The same device count as this process (conftest.py): shard_map's float summation order
+    # follows the mesh, and the metrics must match bit for bit.
+    env = {**os.environ, "CI": "1", "JAX_NUM_CPU_DEVICES": str(jax.device_count())}
     proc = subprocess.Popen(_command(workdir), cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     metrics_path = workdir / "metrics.jsonl"
     deadline = time.monotonic() + 240

@@ -1,0 +1,229 @@
+"""Execution backends: each equals the reference loop, shard_map on 1, 2 and 8 host devices.
+
+conftest.py gives this process 8 XLA:CPU devices, so the meshes below are real multi-device
+meshes (threads of one process, as on a multi-core CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import assert_trees_close, make_client_arrays, max_abs_diff, reference_round
+
+from jaxfl.algorithms import classification_loss, fedavg, fedprox
+from jaxfl.algorithms.perfedavg import perfedavg
+from jaxfl.backends import default_strategy, make_backend, resolve_strategy
+from jaxfl.personalize import LocalOnly, make_personalized_eval
+from jaxfl.privacy.dp_sgd import DPSGD
+from jaxfl.privacy.update_dp import UpdateDP
+from jaxfl.secure.aggregators import make_host_aggregator
+from jaxfl.simulate import Simulator
+
+# Ten clients, one of them empty: enough for a slot on each of 8 devices.
+COUNTS = [5, 12, 1, 9, 7, 3, 0, 6, 11, 4]
+BACKENDS = [
+    ("vmap", 0),
+    ("chunked", 0),
+    ("scan", 0),
+    ("loop", 0),
+    ("shard_map", 1),
+    ("shard_map", 2),
+    ("shard_map", 8),
+]
+
+
+def _backend(strategy: str, devices: int):
+    return make_backend(strategy, chunk_size=3, devices=jax.devices()[:devices] or None)
+
+
+def _algorithm(model, name: str):
+    loss = classification_loss(model.apply)
+    kw = dict(batch_size=4, epochs=2)
+    if name == "fedavg":
+        return fedavg(loss, optax.sgd(0.1), optax.sgd(1.0), **kw)
+    if name == "fedprox":
+        return fedprox(loss, optax.adam(1e-2), optax.sgd(1.0), mu=0.5, **kw)
+    if name == "perfedavg":
+        return perfedavg(loss, optax.sgd(1.0), alpha=0.1, beta=0.05, variant="hf", **kw)
+    if name == "dp_record":
+        dp = DPSGD(clip_norm=0.3, noise_multiplier=1.1, microbatch_size=4)
+        return fedavg(loss, optax.sgd(0.1), optax.sgd(1.0), dp=dp, **kw)
+    update_dp = UpdateDP("local", clip_norm=0.5, noise_std=0.05)
+    return fedavg(loss, optax.sgd(0.5), optax.sgd(1.0), update_dp=update_dp, **kw)
+
+
+# FedAvg runs on every backend; for the other algorithms the default suite checks shard_map
+# (their own tests cover vmap, chunked and loop; shard_map runs scan within each device), and
+# the slow suite every backend.
+NEW_BACKENDS = [("shard_map", 2)]
+OTHERS = ["fedprox", "perfedavg", "dp_record", "dp_local"]
+
+
+@pytest.mark.parametrize(
+    "name, backends",
+    [("fedavg", BACKENDS)]
+    + [(name, NEW_BACKENDS) for name in OTHERS]
+    + [pytest.param(name, BACKENDS, marks=pytest.mark.slow) for name in OTHERS],
+)
+def test_every_backend_matches_the_reference_loop(tiny_model, tiny_params, name, backends):
+    algorithm = _algorithm(tiny_model, name)
+    arrays = make_client_arrays(COUNTS, n_slots=13)
+    nonempty = [c for c, n in enumerate(COUNTS) if n]
+    ref = reference_round(algorithm, tiny_params, arrays, nonempty, 3, 0).params
+    assert max_abs_diff(ref, tiny_params) > 1e-4  # the round moved the model
+    for strategy, devices in backends:
+        sim = Simulator(algorithm, arrays, seed=3, backend=_backend(strategy, devices))
+        state, metrics = sim.run_round(sim.init(tiny_params), 0)
+        assert_trees_close(state.params, ref)
+        assert metrics["clients"] == len(COUNTS)
+
+
+def test_sampled_and_poisson_rounds_agree_on_every_backend(tiny_model, tiny_params):
+    algorithm = _algorithm(tiny_model, "fedavg")
+    arrays = make_client_arrays(COUNTS * 2, n_slots=13)
+    for sampling in (dict(clients_per_round=9), dict(poisson_rate=0.4)):
+        finals = []
+        for strategy, devices in [("loop", 0), ("shard_map", 2), ("shard_map", 8)]:
+            backend = _backend(strategy, devices)
+            sim = Simulator(algorithm, arrays, seed=1, backend=backend, **sampling)
+            state = sim.init(tiny_params)
+            for r in range(3):
+                state, metrics = sim.run_round(state, r)
+            finals.append(state.params)
+            assert metrics["clients"] == len(sim.sample_clients(2))
+        for params in finals[1:]:
+            assert_trees_close(params, finals[0])
+
+
+def test_secure_aggregation_rounds_agree_on_every_backend(tiny_model, tiny_params):
+    algorithm = _algorithm(tiny_model, "fedavg")
+    arrays = make_client_arrays(COUNTS, n_slots=13)
+    plain = Simulator(algorithm, arrays, seed=1, strategy="loop", clients_per_round=8)
+    ref, _ = plain.run_round(plain.init(tiny_params), 0)
+    for strategy, devices in [("scan", 0), ("shard_map", 2), ("shard_map", 8)]:
+        sim = Simulator(
+            algorithm, arrays, seed=1, backend=_backend(strategy, devices), clients_per_round=8,
+            host_aggregator=make_host_aggregator("secagg", seed=0),
+        )  # fmt: skip
+        state, metrics = sim.run_round(sim.init(tiny_params), 0)
+        assert_trees_close(state.params, ref.params, atol=2e-5)  # SecAgg+ quantization
+        assert metrics["secure_survivors"] == 8
+
+
+def test_personalized_eval_and_local_only_agree_on_every_backend(tiny_model, tiny_params):
+    loss = classification_loss(tiny_model.apply)
+    train = make_client_arrays(COUNTS, n_slots=13)
+    heldout = make_client_arrays([4, 3, 2, 5, 1, 6, 2, 3, 4, 5], n_slots=6, seed=1)
+    accs, local = [], []
+    for strategy, devices in [("vmap", 0), ("loop", 0), ("scan", 0), ("shard_map", 8)]:
+        backend = _backend(strategy, devices)
+        evaluate = make_personalized_eval(
+            loss, tiny_model.apply, adapt_steps=3, adapt_lr=0.3, batch_size=4, seed=0,
+            backend=backend,
+        )  # fmt: skip
+        accs.append(evaluate(tiny_params, train, heldout, 2))
+        only = LocalOnly(loss, optax.sgd(0.2), train, batch_size=4, epochs=2, backend=backend)
+        state = only.init(tiny_params)
+        for r in range(2):
+            state, _ = only.run_round(state, r)
+        local.append((state.params, only.evaluate(state, heldout, tiny_model.apply)))
+        assert only.strategy == f"local-only ({backend.name})"
+    for acc in accs[1:]:
+        np.testing.assert_allclose(acc, accs[0])
+    assert not np.allclose(accs[0], make_personalized_eval(
+        loss, tiny_model.apply, adapt_steps=0, adapt_lr=0.3, batch_size=4, seed=0,
+    )(tiny_params, train, heldout, 2))  # fmt: skip  # adapting changed something
+    for params, acc in local[1:]:
+        assert_trees_close(params, local[0][0])
+        np.testing.assert_allclose(acc, local[0][1])
+
+
+@pytest.mark.parametrize("strategy, devices", [("chunked", 0), ("loop", 0), ("shard_map", 8)])
+def test_each_backend_traces_the_client_once_across_rounds(
+    tiny_model, tiny_params, strategy, devices
+):
+    algorithm = _algorithm(tiny_model, "fedavg")
+    traces = []
+
+    def counted(broadcast, data, key):
+        traces.append(1)  # runs when JAX traces, not when the compiled code runs
+        return algorithm.client_update(broadcast, data, key)
+
+    counting = algorithm._replace(client_update=counted)
+    arrays = make_client_arrays(COUNTS * 2, n_slots=13)
+    sim = Simulator(counting, arrays, backend=_backend(strategy, devices), clients_per_round=9)
+    state, _ = sim.run_round(sim.init(tiny_params), 0)
+    after_first = len(traces)
+    for r in range(1, 4):  # other clients sampled, other owners per device: same programs
+        state, _ = sim.run_round(state, r)
+    assert len(traces) == after_first
+
+
+def _client_fn(shared, client, cid, valid):
+    """A toy client: its value times a shared scale, and its id; zeros when invalid."""
+    return {"value": jnp.where(valid, client * shared, 0.0), "cid": jnp.where(valid, cid, 0)}
+
+
+@pytest.mark.parametrize("strategy, devices", BACKENDS)
+def test_backend_contract_sum_and_map_in_the_order_of_the_ids(strategy, devices):
+    backend = _backend(strategy, devices)
+    per_client = backend.place(jnp.arange(11, dtype=jnp.float32) * 10)
+    ids = np.asarray([7, 2, 9, 0, 3, 10], np.int32)  # unsorted, uneven over devices
+    valid = np.asarray([True, True, False, True, True, True])
+    total = backend.sum(_client_fn)(jnp.float32(2), per_client, ids, valid)
+    assert float(total["value"]) == 2 * 10 * (7 + 2 + 0 + 3 + 10)
+    assert int(total["cid"]) == 7 + 2 + 0 + 3 + 10
+    out = backend.map(_client_fn)(jnp.float32(2), per_client, ids, valid)
+    np.testing.assert_array_equal(np.asarray(out["cid"]), ids[valid])
+    np.testing.assert_allclose(np.asarray(out["value"]), 20.0 * ids[valid])
+
+
+def test_strategy_names_and_auto():
+    assert default_strategy("cpu", 1) == "loop"
+    assert default_strategy("gpu", 1) == "chunked"
+    assert default_strategy("cpu", 2) == default_strategy("gpu", 4) == "shard_map"
+    assert resolve_strategy("auto", jax.devices()) == "shard_map"  # 8 devices here
+    assert resolve_strategy("vmap") == "vmap"
+    with pytest.raises(ValueError, match="Unknown client-execution strategy"):
+        resolve_strategy("pmap")
+    with pytest.raises(ValueError, match="vmap, chunked or scan"):
+        make_backend("shard_map", inner="loop")
+    backend = make_backend("auto")
+    assert backend.name == "shard_map" and len(backend.devices) == 8
+    assert backend.description == "shard_map over 8 cpu devices, scan within each"
+
+
+def _device_choice(env_update: dict[str, str]) -> dict:
+    """What a fresh process that imports jaxfl gets: devices, ``auto`` and the logged choice."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    env.update(env_update, JAX_PLATFORMS="cpu")
+    code = (
+        "import json, jax, jaxfl\n"
+        "from jaxfl import runtime\nfrom jaxfl.backends import make_backend\n"
+        "b = make_backend()\n"
+        "print(json.dumps({'devices': jax.device_count(), 'auto': b.name,"
+        " 'choice': runtime.cpu_device_choice, 'cores': runtime.usable_cores()}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_jaxfl_uses_every_usable_core_by_default_and_respects_the_users_choice():
+    default = _device_choice({})
+    assert default["devices"] == default["cores"]
+    assert default["auto"] == ("shard_map" if default["cores"] > 1 else "loop")
+    assert "one per usable core" in default["choice"]
+    chosen = _device_choice({"JAXFL_CPU_DEVICES": "3"})
+    assert (chosen["devices"], chosen["auto"]) == (3, "shard_map")
+    assert _device_choice({"JAXFL_CPU_DEVICES": "1"})["auto"] == "loop"
+    user = _device_choice({"JAX_NUM_CPU_DEVICES": "5"})
+    assert user["devices"] == 5 and "set by the user" in user["choice"]
