@@ -127,7 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
     # "fixed": exactly that many clients a round; "poisson": each client independently with
     # probability client_fraction (what user-level DP accounting assumes; random count).
     config.client_sampling = "fixed"
-    config.strategy = "auto"  # auto | vmap | chunked | loop
+    config.strategy = "auto"  # auto | vmap | chunked | scan | loop | shard_map (jaxfl.backends)
     config.chunk_size = 64
     config.eval_every = 1
     config.eval_batch_size = 256
