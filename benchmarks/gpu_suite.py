@@ -4,8 +4,9 @@ What it measures (preset ``gpu``, the default), each row of the same shape as th
 comes from:
 
 - ``throughput`` / ``throughput_e4``: ``benchmarks/throughput.py`` rows (``vmap``, ``chunked``,
-  ``loop``, ``shard_map`` over every visible device, ``loop_baseline``, ``single_batch_limit``) for SmallCNN, batch 16, at 8, 64, 512,
-  2,048 and 10,000 clients, with 1 and 4 local steps;
+  ``loop``, ``shard_map`` over every visible device, ``loop_baseline``,
+  ``single_batch_limit``) for SmallCNN, batch 16, at 8, 64, 512, 2,048 and 10,000 clients, with
+  1 and 4 local steps;
 - ``dpresnet``: the same rows for DPResNet (4.8 M parameters) at 10 and 64 clients;
 - ``dp_overhead``: ``benchmarks/dp_overhead.py`` (plain vs DP-SGD round) with the ``vmap``
   per-example path, clients vmapped;
@@ -559,7 +560,8 @@ def fastest_rows(rows: list[dict]) -> list[dict]:
     """Per throughput group: the fastest engine strategy, to compare with ``auto``'s choice."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        if r["kind"] != "throughput" or r["strategy"] not in ("vmap", "chunked", "loop", "shard_map"):
+        engine = ("vmap", "chunked", "loop", "shard_map")
+        if r["kind"] != "throughput" or r["strategy"] not in engine:
             continue
         if r.get("updates_per_s") and (
             _group(r) not in best or r["updates_per_s"] > best[_group(r)]["updates_per_s"]

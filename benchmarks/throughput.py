@@ -13,8 +13,9 @@ Run (from the repository root)::
 
 Rows (``strategy``):
 
-- ``vmap`` / ``chunked`` / ``loop``: ``Simulator.run_round`` with that client-execution
-  strategy (``chunked`` uses ``--chunk-size``);
+- ``vmap`` / ``chunked`` / ``scan`` / ``loop`` / ``shard_map``: ``Simulator.run_round`` with
+  that client-execution strategy (``chunked`` uses ``--chunk-size``; ``shard_map`` uses every
+  visible device: set ``JAX_NUM_CPU_DEVICES`` for a CPU count other than one per core);
 - ``auto``: ``Simulator.run_round`` with ``strategy="auto"``; ``resolved`` says what it became
   on this backend;
 - ``loop_baseline``: how fedjax / Flower simulation run clients: a Python loop calling

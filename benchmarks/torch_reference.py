@@ -4,7 +4,9 @@ Both rows train DPResNet (4,802,120 parameters, GroupNorm) for ``--epochs`` loca
 Adam(1e-3), batch 32, on ``--clients`` clients of ``--examples`` 28x28x3 examples each, one
 after another (a federated round without aggregation cost), from the same global model:
 
-- ``jaxfl``: ``Simulator.run_round`` with the ``loop`` strategy (what ``auto`` picks on CPU);
+- ``jaxfl:S``: ``Simulator.run_round`` with client-execution strategy ``S`` for each ``S`` in
+  ``--strategies`` (default ``auto``: ``shard_map`` over one XLA:CPU device per core, and
+  ``loop``: one device);
 - ``torch``: what a Flower/PyTorch client does: copy the global model, a fresh Adam, shuffled
   batches, ``loss.backward(); opt.step()``, the update ``w_local - w_global``; clients in a
   plain Python loop, ``torch.set_num_threads(os.cpu_count())``.
