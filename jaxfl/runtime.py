@@ -61,7 +61,7 @@ def configure_cpu_devices() -> int | None:
         cpu_device_choice = "left as JAX had it (JAX was in use before jaxfl was imported)"
         return None
     source = f"{CPU_DEVICES_ENV}={requested}" if requested else "one per usable core"
-    cpu_device_choice = f"{count} XLA:CPU devices ({source}; {CPU_DEVICES_ENV}=1 for one)"
+    cpu_device_choice = f"{count} devices ({source}; {CPU_DEVICES_ENV}=1 for one)"
     return count
 
 
