@@ -335,33 +335,35 @@ class ShardMapBackend:
             )
         )
 
-    def sum(self, fn: ClientFn) -> MappedFn:
+    def _runner(self, fn: ClientFn, traced, out_spec):
+        """``(shared, per_client, ids, valid) -> (out, positions of the valid slots, t)``."""
         compiled = {}
 
-        def call(shared, per_client, ids, valid):
-            ids, valid = np.asarray(ids, np.int32), np.asarray(valid, bool)
-            per_client, slots, _, t = self._layout(per_client, ids, valid)
-            batch = self.inner._batch_for(t)[1]
-            if batch not in compiled:
-                compiled[batch] = self._shard_fn(fn, traced_sum, batch, P())
-            # The sum is replicated on the mesh; hand it on from the first device, so what
-            # follows (the server update) runs there with the state, as on the other backends.
-            out = compiled[batch](self._share(shared), per_client, slots)
-            return jax.device_put(out, self.devices[0])
-
-        return call
-
-    def map(self, fn: ClientFn) -> MappedFn:
-        compiled = {}
-
-        def call(shared, per_client, ids, valid):
+        def run(shared, per_client, ids, valid):
             ids, valid = np.asarray(ids, np.int32), np.asarray(valid, bool)
             per_client, slots, positions, t = self._layout(per_client, ids, valid)
             batch = self.inner._batch_for(t)[1]
             if batch not in compiled:
-                compiled[batch] = self._shard_fn(fn, traced_map, batch, P(AXIS))
-            out = compiled[batch](self._share(shared), per_client, slots)
-            keep = positions[valid]
+                compiled[batch] = self._shard_fn(fn, traced, batch, out_spec)
+            return compiled[batch](self._share(shared), per_client, slots), positions[valid], t
+
+        return run
+
+    def sum(self, fn: ClientFn) -> MappedFn:
+        run = self._runner(fn, traced_sum, P())
+
+        def call(shared, per_client, ids, valid):
+            # The sum is replicated on the mesh; hand it on from the first device, so what
+            # follows (the server update) runs there with the state, as on the other backends.
+            return jax.device_put(run(shared, per_client, ids, valid)[0], self.devices[0])
+
+        return call
+
+    def map(self, fn: ClientFn) -> MappedFn:
+        run = self._runner(fn, traced_map, P(AXIS))
+
+        def call(shared, per_client, ids, valid):
+            out, keep, t = run(shared, per_client, ids, valid)
             if len(keep) == t * self.num_devices and np.array_equal(keep, np.arange(len(keep))):
                 return out
             return jax.tree.map(lambda x: x[jnp.asarray(keep)], out)
