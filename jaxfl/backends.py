@@ -151,10 +151,12 @@ class TracedBackend:
     def place(self, per_client: PyTree) -> PyTree:
         return jax.tree.map(jnp.asarray, per_client)
 
-    def sum(self, fn: ClientFn) -> MappedFn:
+    def _runner(self, fn: ClientFn, traced) -> MappedFn:
+        """``traced(fn, ...)`` jitted, over ``ids`` padded to a multiple of the inner batch."""
+
         @functools.partial(jax.jit, static_argnums=3)
         def run(shared, per_client, slots, batch):
-            return traced_sum(fn, shared, per_client, slots, batch)
+            return traced(fn, shared, per_client, slots, batch)
 
         def call(shared, per_client, ids, valid):
             multiple, batch = self._batch_for(len(ids))
@@ -163,15 +165,14 @@ class TracedBackend:
 
         return call
 
+    def sum(self, fn: ClientFn) -> MappedFn:
+        return self._runner(fn, traced_sum)
+
     def map(self, fn: ClientFn) -> MappedFn:
-        @functools.partial(jax.jit, static_argnums=3)
-        def run(shared, per_client, slots, batch):
-            return traced_map(fn, shared, per_client, slots, batch)
+        run = self._runner(fn, traced_map)
 
         def call(shared, per_client, ids, valid):
-            multiple, batch = self._batch_for(len(ids))
-            padded = _pad_slots(ids, valid, multiple)
-            out = run(shared, per_client, tuple(jnp.asarray(s) for s in padded), batch)
+            out = run(shared, per_client, ids, valid)
             return _keep_valid(out, np.asarray(valid, bool))
 
         return call
@@ -291,7 +292,6 @@ class ShardMapBackend:
         d, n = self.num_devices, len(ids)
         block = jax.tree.leaves(per_client)[0].shape[0] // d
         t = self._slots_per_device(n)
-        owner = ids // block
         rows = np.zeros((d, t), np.int32)
         cids = np.zeros((d, t), np.int32)
         ok = np.zeros((d, t), bool)
@@ -299,13 +299,9 @@ class ShardMapBackend:
         # 0..n-1 filling the last block), so a run compiles one program; a sampled subset is
         # re-packed even when it happens to be balanced.
         if np.array_equal(ids, np.arange(n)) and -(-n // d) == block:
-            fill = np.zeros(d, np.int64)
-            positions = np.zeros(n, np.int64)
-            for i, (c, o) in enumerate(zip(ids, owner, strict=True)):
-                j = fill[o]
-                rows[o, j], cids[o, j], ok[o, j] = c - o * block, c, valid[i]
-                positions[i] = o * t + j
-                fill[o] += 1
+            owner, row = ids // block, ids % block  # client c is row c % block of its device
+            rows[owner, row], cids[owner, row], ok[owner, row] = row, ids, valid
+            positions = owner * t + row
         else:  # re-pack: gather the selected rows, t per device
             flat = np.zeros(d * t, np.int32)
             flat[:n] = ids

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jaxfl.algorithms.base import FederatedAlgorithm, ServerState, weighted_mean
+from jaxfl.algorithms.base import ClientOutput, FederatedAlgorithm, ServerState, weighted_mean
 from jaxfl.backends import ClientBackend, make_backend
 from jaxfl.rng import os_key
 from jaxfl.runtime import tune_cpu_malloc
@@ -79,29 +79,28 @@ def client_rows(arrays: ClientArrays) -> ClientData:
     return ClientData(arrays.images, arrays.labels, arrays.mask, arrays.counts)
 
 
-def _masked(data: ClientData, valid: jax.Array) -> ClientData:
-    """One client's data; an invalid (padding) slot becomes a client with zero examples."""
-    return data._replace(mask=data.mask * valid, count=jnp.where(valid, data.count, 0))
+def _client_update(
+    algorithm: FederatedAlgorithm, shared: tuple, data: ClientData, cid: jax.Array, valid
+) -> ClientOutput:
+    """One client's ``client_update`` (``shared = (broadcast, client stream, round)``); an
+    invalid (padding) slot runs as a client with zero examples."""
+    broadcast, client_stream, round_idx = shared
+    data = data._replace(mask=data.mask * valid, count=jnp.where(valid, data.count, 0))
+    return algorithm.client_update(broadcast, data, client_key(client_stream, round_idx, cid))
 
 
 def _contribution(
     algorithm: FederatedAlgorithm, shared: tuple, data: ClientData, cid: jax.Array, valid
 ) -> Aggregate:
-    """One client's weighted contribution to the aggregate (``shared = (broadcast, client
-    stream, round)``); zeros for an invalid slot, as the backend contract requires."""
-    broadcast, client_stream, round_idx = shared
-    out = algorithm.client_update(
-        broadcast, _masked(data, valid), client_key(client_stream, round_idx, cid)
-    )
+    """One client's weighted contribution to the aggregate; zeros for an invalid slot, as the
+    backend contract requires."""
+    out = _client_update(algorithm, shared, data, cid, valid)
     return Aggregate(tree_scale(out.update, out.weight), out.weight, out.metrics)
 
 
 def _client_output(algorithm: FederatedAlgorithm, shared: tuple, data, cid, valid):
     """One client's ``(flat update [D], weight)`` for host aggregation."""
-    broadcast, client_stream, round_idx = shared
-    out = algorithm.client_update(
-        broadcast, _masked(data, valid), client_key(client_stream, round_idx, cid)
-    )
+    out = _client_update(algorithm, shared, data, cid, valid)
     return ravel_pytree(out.update)[0], out.weight
 
 
