@@ -70,7 +70,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     shape = (args.image_size, args.image_size, 3)
     data = synthetic_dataset(8, shape, n_train=args.clients * args.examples, n_val=0, n_test=0)
     parts = iid(data.train.labels, args.clients, seed=0)
-    arrays = stack_clients(data.train.images, data.train.labels, parts)
+    arrays = stack_clients(data.train.examples(), parts)
     model = get_model(name, 8)
     params = model.init(jax.random.key(0), np.zeros((1, *shape), np.float32))["params"]
     loss = classification_loss(model.apply)

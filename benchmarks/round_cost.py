@@ -7,8 +7,22 @@ compiling warm-up round) for each algorithm name:
     python benchmarks/round_cost.py --json out.json
     python benchmarks/round_cost.py --config configs/debug.py --algorithms fedavg,perfedavg_fo
 
-JSON: a list of ``{algorithm, seconds_per_round, vs_first, clients, strategy, backend}``
-(``vs_first`` = this algorithm's time over the first algorithm's).
+An algorithm name ending in ``:dp`` runs it with record-level DP-SGD (noise multiplier 1,
+clip 1). ``--strategies auto,loop`` times each algorithm under each strategy (``loop``: a plain
+Python loop over a jitted per-client update, the per-client baseline); ``--set KEY=VALUE``
+overrides config fields. The U-Net row of the README (5 hospitals x 64 phantom slices of
+128x128, all slices used for training):
+
+    python benchmarks/round_cost.py --config configs/covid_seg.py --repeats 2 \
+        --algorithms fedavg,perfedavg_fo,fedavg:dp --strategies auto,loop \
+        --set data.source=ct_phantoms --set data.ct.sites=data --set data.ct.lung_only=False \
+        --set 'data.ct.phantom_size=(128,128)' --set data.ct.patients_per_site=4 \
+        --set data.ct.num_slices=16 --set data.ct.test_fraction=0 \
+        --set partition.heldout_fraction=0 --set task.balanced_weights=False
+
+JSON: a list of ``{algorithm, strategy, seconds_per_round, vs_first, vs_loop, clients,
+backend}`` (``vs_first``: over the first row's time; ``vs_loop``: the ``loop`` strategy's time
+for the same algorithm over this row's, i.e. the speed-up over a per-client loop).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import numpy as np
 from jaxfl import factories
 from jaxfl.privacy.plan import plan_privacy
 from jaxfl.simulate import INIT_STREAM, num_sampled_clients
+from jaxfl.sweep import apply_overrides
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--algorithms", default="fedavg,fedprox,perfedavg_fo,perfedavg_pppml,perfedavg_hf,local"
     )
+    p.add_argument("--strategies", default="auto", help="comma-separated config.strategy values")
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
@@ -58,9 +75,11 @@ def seconds_per_round(config, repeats: int) -> tuple[float, object, dict]:
     privacy = plan_privacy(
         config, np.asarray(fed.train.counts), num_sampled_clients(sampling, config.num_clients)
     )
-    runner, _ = factories.build_runner(config, model, fed.train, privacy, sampling, None)
+    runner, _ = factories.build_runner(
+        config, factories.build_task(config), model, fed.train, privacy, sampling, None
+    )
     key = jax.random.fold_in(jax.random.key(config.seed), INIT_STREAM)
-    state = runner.init(factories.init_params(model, fed.train.images[0], key))
+    state = runner.init(factories.init_params(model, fed.train.examples["image"][0], key))
     state, _ = runner.run_round(state, 0)
     jax.block_until_ready(state)
     times, metrics = [], {}
@@ -72,25 +91,51 @@ def seconds_per_round(config, repeats: int) -> tuple[float, object, dict]:
     return statistics.median(times), runner, metrics
 
 
+def configure(args: argparse.Namespace, spec: str, strategy: str):
+    """The config for algorithm ``spec`` (``name`` or ``name:dp``) under ``strategy``."""
+    name, _, variant = spec.partition(":")
+    overrides = dict(o.split("=", 1) for o in args.set)
+    overrides.update({"algorithm": name, "strategy": strategy})
+    if variant == "dp":
+        overrides.update(
+            {"dp.mode": "record", "dp.target_epsilon": "0", "dp.noise_multiplier": "1.0",
+             "dp.clip_norm": "1.0"}
+        )  # fmt: skip
+    elif variant:
+        raise SystemExit(f"unknown algorithm variant {variant!r} in {spec!r}; use NAME or NAME:dp")
+    return apply_overrides(load_config(args.config), overrides)
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     rows = []
-    for name in args.algorithms.split(","):
-        config = load_config(args.config)
-        config.algorithm.name = name
-        seconds, runner, _ = seconds_per_round(config, args.repeats)
-        first = rows[0]["seconds_per_round"] if rows else seconds
-        row = {
-            "algorithm": name,
-            "seconds_per_round": seconds,
-            "vs_first": seconds / first,
-            "clients": runner.num_clients,
-            "strategy": runner.strategy,
-            "config": args.config,
-            "backend": jax.default_backend(),
-        }
-        rows.append(row)
-        print(f"{name:16s} {seconds:8.2f} s/round   {row['vs_first']:5.2f}x", flush=True)
+    for spec in args.algorithms.split(","):
+        for strategy in args.strategies.split(","):
+            seconds, runner, metrics = seconds_per_round(
+                configure(args, spec, strategy), args.repeats
+            )
+            first = rows[0]["seconds_per_round"] if rows else seconds
+            row = {
+                "algorithm": spec,
+                "strategy": strategy,
+                "resolved": runner.strategy,
+                "seconds_per_round": seconds,
+                "vs_first": seconds / first,
+                "clients": runner.num_clients,
+                "local_steps_mean": metrics.get("local_steps_mean"),
+                "config": args.config,
+                "overrides": args.set,
+                "backend": jax.default_backend(),
+            }
+            rows.append(row)
+            print(
+                f"{spec:16s} {strategy:10s} {seconds:8.2f} s/round   {row['vs_first']:5.2f}x",
+                flush=True,
+            )
+    loop = {r["algorithm"]: r["seconds_per_round"] for r in rows if r["strategy"] == "loop"}
+    for r in rows:
+        if r["algorithm"] in loop:
+            r["vs_loop"] = loop[r["algorithm"]] / r["seconds_per_round"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -138,8 +138,10 @@ def make_workload(args: argparse.Namespace, num_clients: int, batch_size: int | 
     images = rng.standard_normal((drawn, b, *shape), dtype=np.float32)
     labels = rng.integers(0, args.num_classes, size=(drawn, b)).astype(np.int32)
     arrays = ClientArrays(
-        np.tile(images, (reps,) + (1,) * (images.ndim - 1))[:num_clients],
-        np.tile(labels, (reps, 1))[:num_clients],
+        {
+            "image": np.tile(images, (reps,) + (1,) * (images.ndim - 1))[:num_clients],
+            "label": np.tile(labels, (reps, 1))[:num_clients],
+        },
         np.ones((num_clients, b), np.float32),
         np.full((num_clients,), b, np.int32),
     )
@@ -175,11 +177,10 @@ def baseline_round_fn(args, num_clients: int) -> tuple[Callable[[int], Any], dic
 
     from jaxfl.simulate import CLIENT_STREAM, client_key
     from jaxfl.tree import tree_scale
-    from jaxfl.types import ClientData
 
     algorithm, state, arrays = make_workload(args, num_clients)
     # One batched transfer of the pre-sliced clients (K separate device_puts are slow at 10k).
-    clients = jax.device_put([ClientData(*(a[c] for a in arrays)) for c in range(num_clients)])
+    clients = jax.device_put([arrays.client(c) for c in range(num_clients)])
     stream = jax.random.fold_in(jax.random.key(args.seed), CLIENT_STREAM)
     client_update = jax.jit(algorithm.client_update)
     broadcast = jax.jit(algorithm.broadcast)
@@ -209,11 +210,9 @@ def limit_round_fn(args, num_clients: int) -> tuple[Callable[[int], Any], dict]:
     """``E`` SGD steps of ONE client holding all ``K*B`` examples as a single batch."""
     import jax
 
-    from jaxfl.types import ClientData
-
     kb = num_clients * args.batch_size
     algorithm, state, arrays = make_workload(args, 1, batch_size=kb)
-    data = ClientData(*(jax.device_put(a[0]) for a in arrays))
+    data = jax.device_put(arrays.client(0))
     client_update = jax.jit(algorithm.client_update)
     key = jax.random.key(args.seed)
 

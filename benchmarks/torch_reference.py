@@ -96,7 +96,9 @@ def jaxfl_row(args, strategy: str) -> dict:
         batch_size=args.batch_size, epochs=args.epochs,
     )  # fmt: skip
     arrays = ClientArrays(
-        images, labels, np.ones(labels.shape, np.float32), np.full(args.clients, args.examples)
+        {"image": images, "label": labels},
+        np.ones(labels.shape, np.float32),
+        np.full(args.clients, args.examples),
     )
     sim = Simulator(algorithm, arrays, strategy=strategy)
     state = sim.init(params)

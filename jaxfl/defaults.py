@@ -14,7 +14,14 @@ import ml_collections
 # Fields a config may add although the defaults leave them out (they change nothing unset):
 # partition.seed pins the split independently of `seed`; heterogeneity.clients lists per-client
 # shift dicts.
-OPTIONAL_FIELDS = ("partition.seed", "heterogeneity.clients")
+# model.base_features/depth/groups are the U-Net's widths (jaxfl.models.UNet).
+OPTIONAL_FIELDS = (
+    "partition.seed",
+    "heterogeneity.clients",
+    "model.base_features",
+    "model.depth",
+    "model.groups",
+)
 
 
 def flatten_fields(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -33,7 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.data = ml_collections.ConfigDict(
         dict(
-            source="synthetic",  # "synthetic" or "medmnist"
+            # classification: "synthetic" or "medmnist"; segmentation (config.data.ct):
+            # "ct_phantoms", "covid19_ct_seg", "msd", "ct_manifest" or "totalseg_example"
+            source="synthetic",
             name="synthetic",
             # medmnist only: folder holding the .npz; empty = $JAXFL_DATA_DIR or ~/.medmnist
             data_dir="",
@@ -47,6 +56,33 @@ def default_config() -> ml_collections.ConfigDict:
             noise=0.1,
         )
     )
+    # CT slices for segmentation (jaxfl/data/ct.py). Sites are clients: config.num_clients
+    # must equal the number of sites (sites="patients" deals patients into num_clients sites).
+    config.data.ct = ml_collections.ConfigDict(
+        dict(
+            # ct_phantoms: synthetic CT, one scanner protocol per site (jaxfl/data/phantoms.py)
+            patients_per_site=4,
+            num_slices=16,
+            phantom_size=(64, 64),
+            # ct_manifest: the CSV (image, mask, patient, site[, split, lung]); msd: folders of
+            # nnU-Net datasets, one per site; covid19_ct_seg / totalseg_example: data.data_dir
+            manifest="",
+            msd_dirs=(),
+            sites="data",  # "data": the layout's sites; "patients": deal patients into sites
+            lung_masks=False,  # covid19_ct_seg: attach Lung_Mask files (for lung_only)
+            # preprocessing (jaxfl.data.ct.CTPreprocess; part of the cache key)
+            size=(),  # in-plane (H, W) to resample to; () keeps each file's size
+            window_level=-600.0,
+            window_width=1500.0,
+            intensity="auto",  # "auto" (detect HU vs 0-255), "hu" or "grey"
+            label_map=(),  # ((raw, class), ...): labels not listed become 0; () keeps labels
+            lung_only=False,
+            lung_labels=(),
+            cache_dir="",  # preprocessed slices cached here as .npz; "" = no cache
+            test_fraction=0.2,  # patients per site in the global test split
+            pad_multiple=16,  # pad H, W to this multiple (2**depth of the U-Net); ignored pixels
+        )
+    )
     # True: every privacy-relevant draw (DP noise, Poisson samples of examples and clients,
     # SecAgg+ rounding) comes from the OS CSPRNG, not from `seed`, so the logged config cannot
     # recompute it; runs are then not reproducible. The CKKS ring's mask always does.
@@ -54,6 +90,20 @@ def default_config() -> ml_collections.ConfigDict:
     config.num_clients = 8
     config.partition = ml_collections.ConfigDict(
         dict(name="dirichlet", alpha=1.0, sigma=1.0, classes_per_client=2, heldout_fraction=0.2)
+    )
+    # What is learned and how it is scored (jaxfl/tasks): "classification" or "segmentation"
+    # (segmentation: num_classes 0 = from the data's labels; loss "ce", "dice" or "ce+dice";
+    # class_weights one per class for the cross-entropy, () = unweighted; balanced_weights:
+    # inverse pixel frequency of the pooled training masks, PPPML-HMI's (1, 524.46) form).
+    config.task = ml_collections.ConfigDict(
+        dict(
+            name="classification",
+            num_classes=0,
+            loss="ce+dice",
+            class_weights=(),
+            balanced_weights=False,
+            dice_eps=1.0,
+        )
     )
     config.model = ml_collections.ConfigDict(dict(name="cnn"))
     # fedavg | fedprox (mu) | perfedavg_fo | perfedavg_hf | perfedavg_pppml (alpha: inner

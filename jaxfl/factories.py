@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxfl.algorithms import FederatedAlgorithm, classification_loss, fedavg, fedprox
+from jaxfl.algorithms import FederatedAlgorithm, fedavg, fedprox
 from jaxfl.algorithms.perfedavg import perfedavg
 from jaxfl.backends import ClientBackend, make_backend
 from jaxfl.data import (
@@ -23,8 +23,27 @@ from jaxfl.data import (
     medmnist_path,
     medmnist_url,
     partition,
+    resolve_data_dir,
     shifts_from_config,
     synthetic_dataset,
+)
+from jaxfl.data.ct import (
+    CaseSpec,
+    CTPreprocess,
+    SliceSet,
+    discover_covid19_ct_seg,
+    discover_msd,
+    load_cases,
+    partition_by_patient,
+    read_manifest,
+    totalseg_example_cases,
+)
+from jaxfl.data.phantoms import phantom_slices
+from jaxfl.data.segmentation import (
+    federate_slices,
+    manifest_splits,
+    pad_to_multiple,
+    patient_splits,
 )
 from jaxfl.errors import ConfigError
 from jaxfl.models import get_model
@@ -32,6 +51,9 @@ from jaxfl.personalize import LocalOnly, PersonalizedEval, make_personalized_eva
 from jaxfl.privacy.plan import PrivacyPlan
 from jaxfl.secure.aggregators import HostAggregator, make_host_aggregator
 from jaxfl.simulate import Simulator
+from jaxfl.tasks import CLASSIFICATION, Task, make_loss
+from jaxfl.tasks.seg_ops import IGNORE_LABEL, balanced_class_weights
+from jaxfl.tasks.segmentation import Segmentation
 from jaxfl.types import ClientArrays, Dataset, FederatedData
 
 # "local" is the local-only baseline (no communication), run by LocalOnly, not a Simulator.
@@ -46,6 +68,44 @@ PARTITION_ARGS = {
     "pathological": ("classes_per_client",),
     "bloodmnist_paper": (),
 }
+
+
+TASKS = ("classification", "segmentation")
+# Where segmentation slices come from (config.data.source with task.name="segmentation").
+CT_SOURCES = ("ct_phantoms", "covid19_ct_seg", "msd", "ct_manifest", "totalseg_example")
+# The metric progress bars, sweep summaries and plots show first, per task.
+PRIMARY_METRICS = {"classification": CLASSIFICATION.primary, "segmentation": Segmentation.primary}
+
+
+def build_task(config: ml_collections.ConfigDict, fed: FederatedData | None = None) -> Task:
+    """The task named by ``config.task.name``, sized to ``fed`` (segmentation needs it)."""
+    name = config.task.name
+    if name == "classification":
+        return CLASSIFICATION
+    if name != "segmentation":
+        raise ConfigError(f"config.task.name={name!r}; choose one of {TASKS}.")
+    t = config.task
+    num_classes = fed.num_classes if fed is not None else max(int(t.num_classes), 2)
+    weights = tuple(t.class_weights) or None
+    if t.balanced_weights:
+        if weights is not None:
+            raise ConfigError(
+                "config.task.class_weights and config.task.balanced_weights are both set; "
+                "give the weights or ask for the balanced ones, not both."
+            )
+        if fed is None:
+            raise ValueError("balanced_weights are computed from the training masks; pass fed")
+        weights = tuple(float(w) for w in balanced_class_weights(_train_masks(fed), num_classes))
+        logging.info("Class-balanced cross-entropy weights: %s", weights)
+    return Segmentation(
+        num_classes=num_classes, loss=t.loss, class_weights=weights, dice_eps=t.dice_eps
+    )
+
+
+def _train_masks(fed: FederatedData) -> np.ndarray:
+    """Every labelled pixel of the clients' real training slices (pooled)."""
+    masks = np.asarray(fed.train.examples["mask"])[np.asarray(fed.train.mask) > 0]
+    return masks[masks != IGNORE_LABEL]
 
 
 def build_dataset(config: ml_collections.ConfigDict) -> Dataset:
@@ -105,14 +165,123 @@ def build_federated_data(config: ml_collections.ConfigDict, dataset: Dataset) ->
             f"{config.num_clients}: {e}"
         ) from e
     fed = build_federated(dataset, indices, heldout_fraction=p.heldout_fraction, seed=config.seed)
-    shifts = build_shifts(config, is_3d=dataset.train.images.ndim == 5)
+    return _shifted(config, fed, is_3d=dataset.train.images.ndim == 5)
+
+
+def _ct_preprocess(ct: ml_collections.ConfigDict) -> CTPreprocess:
+    """``config.data.ct``'s preprocessing fields as a :class:`CTPreprocess`."""
+    return CTPreprocess(
+        size=tuple(ct.size) or None,
+        window_level=ct.window_level,
+        window_width=ct.window_width,
+        intensity=ct.intensity,
+        label_map=tuple(tuple(pair) for pair in ct.label_map) or None,
+        lung_only=ct.lung_only,
+        lung_labels=tuple(ct.lung_labels),
+    )
+
+
+def _ct_cases(config: ml_collections.ConfigDict) -> list[CaseSpec]:
+    """The case list of a file-backed CT source."""
+    d, ct = config.data, config.data.ct
+    if d.source == "covid19_ct_seg":
+        return discover_covid19_ct_seg(
+            resolve_data_dir(d.data_dir or None), lung_masks=ct.lung_masks
+        )
+    if d.source == "msd":
+        if not ct.msd_dirs:
+            raise ConfigError(
+                "config.data.source='msd' needs config.data.ct.msd_dirs: one nnU-Net / MSD "
+                "dataset folder (imagesTr/, labelsTr/) per site."
+            )
+        return [case for folder in ct.msd_dirs for case in discover_msd(folder)]
+    if d.source == "ct_manifest":
+        if not ct.manifest:
+            raise ConfigError(
+                "config.data.source='ct_manifest' needs config.data.ct.manifest: a CSV with "
+                "columns image, mask, patient, site (optional split, lung)."
+            )
+        return read_manifest(ct.manifest)
+    if d.source == "totalseg_example":
+        return totalseg_example_cases(d.data_dir or None)
+    raise ConfigError(
+        f"config.data.source={d.source!r}; for segmentation choose one of {CT_SOURCES}."
+    )
+
+
+def load_ct_slices(config: ml_collections.ConfigDict) -> tuple[SliceSet, list[CaseSpec] | None]:
+    """The preprocessed CT slices of ``config.data`` (and the cases they came from, if files)."""
+    d, ct = config.data, config.data.ct
+    pre = _ct_preprocess(ct)
+    if d.source == "ct_phantoms":
+        slices = phantom_slices(
+            num_sites=config.num_clients,
+            patients_per_site=ct.patients_per_site,
+            num_slices=ct.num_slices,
+            size=tuple(ct.phantom_size),
+            seed=config.seed,
+            config=pre,
+        )
+        return slices, None
+    cases = _ct_cases(config)
+    return load_cases(cases, pre, ct.cache_dir or None), cases
+
+
+def build_segmentation_data(config: ml_collections.ConfigDict) -> FederatedData:
+    """Sites as clients, whole patients in each split, scanner shifts with masks aligned."""
+    ct = config.data.ct
+    slices, cases = load_ct_slices(config)
+    if ct.sites == "patients":
+        slices = partition_by_patient(slices, config.num_clients, config.seed)
+    elif ct.sites != "data":
+        raise ConfigError(f"config.data.ct.sites={ct.sites!r}; choose 'data' or 'patients'.")
+    if len(slices.sites) != config.num_clients:
+        raise ConfigError(
+            f"config.num_clients={config.num_clients} but the data has {len(slices.sites)} "
+            f"sites {list(slices.sites)} (one client per site); set num_clients to "
+            f"{len(slices.sites)}, or config.data.ct.sites='patients' to deal patients into "
+            "num_clients sites."
+        )
+    slices = pad_to_multiple(slices, ct.pad_multiple)
+    splits = manifest_splits(slices, cases) if cases else None
+    if splits is None:
+        splits = patient_splits(
+            slices, config.partition.heldout_fraction, ct.test_fraction, config.seed
+        )
+    labels = slices.mask[slices.mask != IGNORE_LABEL]
+    num_classes = config.task.num_classes or max(2, int(labels.max(initial=0)) + 1)
+    fed = federate_slices(slices, splits, num_classes=num_classes, name=config.data.name)
+    logging.info(
+        "CT data %s: %d sites, %d patients, %d slices of %dx%d; train/heldout/test slices %d/%d/%d",
+        config.data.name,
+        len(slices.sites),
+        len(np.unique(slices.patient)),
+        slices.num_slices,
+        *slices.image.shape[1:3],
+        *(len(splits[k]) for k in ("train", "heldout", "test")),
+    )
+    return _shifted(config, fed, is_3d=False, label_keys=("mask",))
+
+
+def _shifted(
+    config: ml_collections.ConfigDict,
+    fed: FederatedData,
+    *,
+    is_3d: bool,
+    label_keys: tuple[str, ...] = (),
+) -> FederatedData:
+    """``fed`` with ``config.heterogeneity``'s scanner shift on every client's data.
+
+    The same scanner shifts a client's training and held-out data (different noise draws);
+    the global test split stays unshifted: it measures transfer to an unseen site.
+    """
+    shifts = build_shifts(config, is_3d=is_3d)
     if all(s.is_identity for s in shifts):
         return fed
-    # The same scanner shifts a client's training and held-out data (different noise draws);
-    # the global test split stays unshifted: it measures transfer to an unseen site.
+    kw = dict(seed=config.seed, label_keys=label_keys, ignore_label=IGNORE_LABEL)
     return fed._replace(
-        train=apply_to_clients(fed.train, shifts, seed=config.seed, stream=TRAIN_STREAM),
-        heldout=apply_to_clients(fed.heldout, shifts, seed=config.seed, stream=HELDOUT_STREAM),
+        train=apply_to_clients(fed.train, shifts, stream=TRAIN_STREAM, **kw),
+        heldout=apply_to_clients(fed.heldout, shifts, stream=HELDOUT_STREAM, **kw),
     )
 
 
@@ -161,10 +330,13 @@ def build_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformat
 
 
 def build_algorithm(
-    config: ml_collections.ConfigDict, model, privacy: PrivacyPlan | None = None
+    config: ml_collections.ConfigDict,
+    model,
+    privacy: PrivacyPlan | None = None,
+    task: Task = CLASSIFICATION,
 ) -> FederatedAlgorithm:
     """The federated algorithm named by ``config.algorithm.name`` for a flax ``model``."""
-    loss = classification_loss(model.apply)
+    loss = make_loss(task, model.apply)
     client_opt = build_optimizer(config.local)
     server_opt = build_optimizer(config.server)
     kw = dict(batch_size=config.local.batch_size, epochs=config.local.epochs)
@@ -176,8 +348,11 @@ def build_algorithm(
     if name == "fedprox":
         return fedprox(loss, client_opt, server_opt, mu=config.algorithm.mu, **kw)
     if name.startswith("perfedavg_") and name in ALGORITHMS:
-        if privacy is not None and (privacy.dp_sgd or privacy.update_dp):
-            raise ValueError("Per-FedAvg runs without DP; set config.dp.mode='none'.")
+        if privacy is not None and privacy.update_dp:
+            raise ValueError(
+                f"Per-FedAvg with dp.mode={privacy.mode!r}: update-level DP clips and noises "
+                "FedAvg-style updates; use dp.mode='record' (DP-SGD on every Per-FedAvg batch)."
+            )
         return perfedavg(
             loss,
             server_opt,
@@ -186,6 +361,7 @@ def build_algorithm(
             alpha=config.algorithm.alpha,
             beta=config.algorithm.beta,
             variant=name.removeprefix("perfedavg_"),
+            dp=privacy.dp_sgd if privacy is not None else None,
         )
     if name == "local":
         raise ValueError("algorithm 'local' has no federated algorithm; use build_runner.")
@@ -230,6 +406,7 @@ def build_host_aggregator(
 
 def build_runner(
     config: ml_collections.ConfigDict,
+    task: Task,
     model,
     train: ClientArrays,
     privacy: PrivacyPlan | None,
@@ -239,16 +416,17 @@ def build_runner(
     """The round runner: a :class:`Simulator` over the algorithm, or :class:`LocalOnly`."""
     if config.algorithm.name == "local":
         runner = LocalOnly(
-            classification_loss(model.apply),
+            make_loss(task, model.apply),
             build_optimizer(config.local),
             train,
             batch_size=config.local.batch_size,
             epochs=config.local.epochs,
             seed=config.seed,
             backend=build_backend(config),
+            task=task,
         )
         return runner, None
-    algorithm = build_algorithm(config, model, privacy)
+    algorithm = build_algorithm(config, model, privacy, task)
     sim = Simulator(
         algorithm,
         train,
@@ -258,12 +436,13 @@ def build_runner(
         poisson_rate=rate,
         host_aggregator=build_host_aggregator(config, np.asarray(train.counts)),
         secure_randomness=bool(config.get("secure_randomness", False)),
+        task=task,
     )
     return sim, algorithm
 
 
 def build_personalized_eval(
-    config: ml_collections.ConfigDict, model, backend: ClientBackend
+    config: ml_collections.ConfigDict, task: Task, model, backend: ClientBackend
 ) -> PersonalizedEval | None:
     """Adapt-then-test evaluation from ``config.personalization`` (None when disabled), mapping
     clients through ``backend`` (the runner's)."""
@@ -271,13 +450,14 @@ def build_personalized_eval(
     if p is None or not p.enabled or config.algorithm.name == "local":
         return None
     return make_personalized_eval(
-        classification_loss(model.apply),
+        make_loss(task, model.apply),
         model.apply,
         adapt_steps=p.adapt_steps,
         adapt_lr=p.adapt_lr,
         batch_size=config.local.batch_size,
         seed=config.seed,
         backend=backend,
+        task=task,
     )
 
 

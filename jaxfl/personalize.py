@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxfl.algorithms.base import ServerState, epoch_permutation, local_train
+from jaxfl.algorithms.base import ServerState
+from jaxfl.algorithms.local import local_train
 from jaxfl.backends import ClientBackend, make_backend
-from jaxfl.evaluate import per_client_accuracy
-from jaxfl.simulate import CLIENT_STREAM, PERSONALIZE_STREAM, Simulator, client_key, client_rows
+from jaxfl.simulate import CLIENT_STREAM, PERSONALIZE_STREAM, client_key, client_rows, round_metrics
+from jaxfl.tasks import CLASSIFICATION, Task, client_summaries
 from jaxfl.types import ClientArrays, ClientData, LossFn, Params, PRNGKey
 
 
@@ -40,26 +41,17 @@ def adapt_params(
     Step ``j`` uses batch ``j mod b`` of shuffle ``j // b`` (``b`` batches per pass over the
     client's ``n`` real examples), so more steps than batches cycle through fresh shuffles.
     """
-    count = data.count.astype(jnp.int32)
-    batches = jnp.maximum((count + batch_size - 1) // batch_size, 1)
-    n_slots = data.mask.shape[0]
-    pad = -(-n_slots // batch_size) * batch_size - n_slots
-
-    def step(j, p):
-        perm = jnp.pad(epoch_permutation(key, data.mask, j // batches), (0, pad))
-        start = (j % batches) * batch_size
-        idx = jax.lax.dynamic_slice(perm, (start,), (batch_size,))
-        m = ((start + jnp.arange(batch_size)) < count).astype(jnp.float32)
-        grads, _ = jax.grad(loss_fn, has_aux=True)(p, data.images[idx], data.labels[idx], m)
-        return jax.tree.map(lambda w, g: w - lr * g, p, grads)
-
-    return jax.lax.fori_loop(0, steps, step, params)
+    res = local_train(
+        loss_fn, optax.sgd(lr), params, data, key, batch_size=batch_size, epochs=1, steps=steps
+    )
+    return res.params
 
 
-def _correct(apply_fn: Callable[..., jax.Array], params: Params, data: ClientData) -> jax.Array:
-    """Number of correctly classified real examples of one client."""
-    logits = apply_fn({"params": params}, data.images)
-    return jnp.sum((jnp.argmax(logits, -1) == data.labels) * data.mask)
+def _stats(task: Task, apply_fn: Callable[..., jax.Array], params: Params, data: ClientData):
+    """Per-example evaluation stats ``[N, ...]`` of one client's examples."""
+    return task.eval_stats(
+        apply_fn({"params": params}, data.examples[task.input_key]), data.examples
+    )
 
 
 class _Placed:
@@ -82,7 +74,7 @@ def _all(num_clients: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(num_clients, dtype=np.int32), np.ones(num_clients, bool)
 
 
-PersonalizedEval = Callable[[Params, ClientArrays, ClientArrays, int], np.ndarray]
+PersonalizedEval = Callable[[Params, ClientArrays, ClientArrays, int], dict[str, np.ndarray]]
 
 
 def make_personalized_eval(
@@ -94,8 +86,10 @@ def make_personalized_eval(
     batch_size: int,
     seed: int,
     backend: ClientBackend | None = None,
+    task: Task = CLASSIFICATION,
 ) -> PersonalizedEval:
-    """``(global params, train [K,...], heldout [K,...], round) -> accuracy [K]`` after adapting.
+    """``(global params, train [K,...], heldout [K,...], round) -> {metric: [K]}`` after adapting
+    (the ``task``'s per-client metrics, e.g. ``accuracy``).
 
     Client ``c`` adapts with key ``fold_in(fold_in(stream, round), c)``, so results do not depend
     on the ``backend`` (default: ``make_backend("auto")``). ``adapt_steps = 0`` tests the global
@@ -123,14 +117,14 @@ def make_personalized_eval(
             lr=adapt_lr,
             batch_size=batch_size,
         )
-        return _correct(apply_fn, p, heldout)
+        return _stats(task, apply_fn, p, heldout)
 
-    correct = backend.map(one)
+    stats = backend.map(one)
 
     def evaluate(params, train, heldout, round_idx):
         per_client = placed(client_rows(train), client_rows(heldout))
-        counts = correct((params, jnp.int32(round_idx)), per_client, *_all(train.num_clients))
-        return per_client_accuracy(counts, heldout.counts)
+        out = stats((params, jnp.int32(round_idx)), per_client, *_all(train.num_clients))
+        return client_summaries(task, out, heldout)
 
     return evaluate
 
@@ -154,7 +148,9 @@ class LocalOnly:
         epochs: int,
         seed: int = 0,
         backend: ClientBackend | None = None,
+        task: Task = CLASSIFICATION,
     ):
+        self.task = task
         self.backend = backend or make_backend("auto")
         self.num_clients = self.per_round = train.num_clients
         self.train = train
@@ -169,10 +165,10 @@ class LocalOnly:
                 loss_fn, optimizer, params, data._replace(count=jnp.where(valid, data.count, 0)),
                 key, batch_size=batch_size, epochs=epochs,
             )  # fmt: skip
-            return res.params, (res.loss_sum, res.correct, res.num_seen, res.num_steps)
+            return res.params, {**res.sums, "num_steps": res.num_steps.astype(jnp.float32)}
 
         self._round = self.backend.map(one)
-        self._correct: Callable | None = None
+        self._stats: Callable | None = None
         self._placed_heldout = _Placed(self.backend)
 
     def init(self, params: Params) -> ServerState:
@@ -182,27 +178,24 @@ class LocalOnly:
 
     def run_round(self, state: ServerState, round_idx: int) -> tuple[ServerState, dict]:
         """One round of local training on every client; returns the state and round metrics."""
-        params, (loss_sum, correct, seen, steps) = self._round(
+        params, per_client = self._round(
             jnp.int32(round_idx),
             (self.backend.place(state.params), self._train_c),
             *_all(self.num_clients),
         )
-        sums = {
-            "loss_sum": jnp.sum(loss_sum),
-            "correct": jnp.sum(correct),
-            "num_seen": jnp.sum(seen),
-            "num_steps": jnp.sum(steps).astype(jnp.float32),
-        }
+        sums = {k: jnp.sum(v) for k, v in per_client.items()}
         state = ServerState(params, (), state.round + 1)
-        return state, Simulator._round_metrics(sums, self.num_clients)
+        return state, round_metrics(self.task, sums, self.num_clients)
 
-    def evaluate(self, state: ServerState, heldout: ClientArrays, apply_fn) -> np.ndarray:
-        """Each client's own model on its own held-out split: accuracy ``[K]``."""
-        if self._correct is None:
-            self._correct = self.backend.map(
-                lambda shared, client, cid, valid: _correct(apply_fn, *client)
+    def evaluate(
+        self, state: ServerState, heldout: ClientArrays, apply_fn
+    ) -> dict[str, np.ndarray]:
+        """Each client's own model on its own held-out split: ``{metric: [K]}``."""
+        if self._stats is None:
+            self._stats = self.backend.map(
+                lambda shared, client, cid, valid: _stats(self.task, apply_fn, *client)
             )
         (heldout_c,) = self._placed_heldout(client_rows(heldout))
         per_client = (self.backend.place(state.params), heldout_c)
-        correct = self._correct((), per_client, *_all(self.num_clients))
-        return per_client_accuracy(correct, heldout.counts)
+        out = self._stats((), per_client, *_all(self.num_clients))
+        return client_summaries(self.task, out, heldout)

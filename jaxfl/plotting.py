@@ -1,4 +1,5 @@
-"""Learning curves of one or more runs: test accuracy and loss per round, overlaid in one PNG."""
+"""Learning curves of one or more runs: the task's primary test metric (accuracy, Dice) and the
+loss per round, overlaid in one PNG."""
 
 from __future__ import annotations
 
@@ -32,6 +33,16 @@ def load_metrics(workdir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def primary_metric(rows: Sequence[dict[str, Any]]) -> str:
+    """The task's primary metric these rounds log (``test_<metric>``): accuracy, dice, ..."""
+    from jaxfl.factories import PRIMARY_METRICS
+
+    for metric in dict.fromkeys(PRIMARY_METRICS.values()):
+        if any(f"test_{metric}" in r or f"personalized_{metric}_mean" in r for r in rows):
+            return metric
+    return "accuracy"
+
+
 def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     """(rounds, values) of ``key``, skipping rounds where it was not logged (or is NaN)."""
     points = [
@@ -48,7 +59,7 @@ def plot_runs(
     labels: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Plot test accuracy and test/train loss per round of ``workdirs`` into the PNG ``out``."""
+    """Plot the primary test metric and test/train loss per round of ``workdirs`` into ``out``."""
     if not workdirs:
         raise ValueError("Give at least one run directory to plot.")
     labels = list(labels) if labels else [Path(w).resolve().name for w in workdirs]
@@ -59,14 +70,15 @@ def plot_runs(
         )
     runs = [load_metrics(w) for w in workdirs]  # all errors before drawing anything
 
+    metric = primary_metric(runs[0])
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     acc_ax, loss_ax = fig.subplots(1, 2)
     for i, (rows, label) in enumerate(zip(runs, labels, strict=True)):
         color = f"C{i % 10}"
-        acc_ax.plot(*series(rows, "test_accuracy"), color=color, marker="o", ms=3, label=label)
+        acc_ax.plot(*series(rows, f"test_{metric}"), color=color, marker="o", ms=3, label=label)
         loss_ax.plot(*series(rows, "test_loss"), color=color, marker="o", ms=3)
         loss_ax.plot(*series(rows, "train_loss"), color=color, ls="--")
-    acc_ax.set(title="Test accuracy", xlabel="round", ylabel="accuracy")
+    acc_ax.set(title=f"Test {metric}", xlabel="round", ylabel=metric)
     loss_ax.set(title="Loss (solid: test, dashed: train)", xlabel="round", ylabel="loss")
     for ax in (acc_ax, loss_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

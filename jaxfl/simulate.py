@@ -30,6 +30,7 @@ from jaxfl.rng import os_key
 from jaxfl.runtime import tune_cpu_malloc
 from jaxfl.secure.entropy import os_uniform
 from jaxfl.secure.secagg import SecAggError
+from jaxfl.tasks import CLASSIFICATION, Task
 from jaxfl.tree import tree_scale
 from jaxfl.types import ClientArrays, ClientData, Params
 
@@ -76,7 +77,7 @@ class Aggregate(NamedTuple):
 def client_rows(arrays: ClientArrays) -> ClientData:
     """The client arrays as a :class:`ClientData` pytree with a leading client axis ``[K, ...]``
     (what backends map over: one client's slice is its ``ClientData``)."""
-    return ClientData(arrays.images, arrays.labels, arrays.mask, arrays.counts)
+    return ClientData(arrays.examples, arrays.mask, arrays.counts)
 
 
 def _client_update(
@@ -122,7 +123,8 @@ class Simulator:
 
     ``train`` holds ``K`` clients (``[K, N, ...]``); each round samples ``clients_per_round`` of
     them (static shape) and runs them through ``backend`` (default: :func:`make_backend` of
-    ``strategy``, ``chunk_size`` and ``devices``).
+    ``strategy``, ``chunk_size`` and ``devices``). ``task`` turns the summed training metrics
+    into the logged rates.
     """
 
     def __init__(
@@ -139,8 +141,9 @@ class Simulator:
         secure_randomness: bool = False,
         backend: ClientBackend | None = None,
         devices: Sequence[jax.Device] | None = None,
+        task: Task = CLASSIFICATION,
     ):
-        chex.assert_equal_shape_prefix(tuple(train), 1)
+        chex.assert_equal_shape_prefix(jax.tree.leaves(train), 1)
         if host_aggregator is not None and algorithm.aggregate is not weighted_mean:
             raise ValueError(
                 f"{algorithm.name} aggregates with its own server-side rule (central DP adds "
@@ -150,6 +153,7 @@ class Simulator:
         if poisson_rate is not None and not 0 < poisson_rate <= 1:
             raise ValueError(f"poisson_rate must be in (0, 1], got {poisson_rate}.")
         self.algorithm = algorithm
+        self.task = task
         self.num_clients = train.num_clients
         # Poisson sampling (each client independently with probability q, as user-level DP
         # accounting assumes) overrides the fixed-size clients_per_round.
@@ -226,7 +230,7 @@ class Simulator:
             return self._run_round_host(state, shared, slots, selected, round_idx)
         agg = self._sum(shared, self._train_c, slots, selected)
         state, sums = self._finish(server_stream, state, agg, r)
-        return state, self._round_metrics(sums, len(ids))
+        return state, round_metrics(self.task, sums, len(ids))
 
     def _run_round_host(self, state, shared, slots, selected, round_idx):
         """A round whose aggregation runs on the host (secure aggregation)."""
@@ -273,19 +277,17 @@ class Simulator:
             self._unravel_fn = (unravel, flat.size)
         return self._unravel_fn
 
-    @staticmethod
-    def _round_metrics(sums: dict[str, jax.Array], num_clients: int) -> dict[str, float]:
-        sums = {k: float(v) for k, v in sums.items()}
-        seen = max(sums.get("num_seen", 0.0), 1.0)
-        metrics = {"clients": num_clients, "examples_seen": sums.get("num_seen", 0.0)}
-        if "loss_sum" in sums:
-            metrics["train_loss"] = sums["loss_sum"] / seen
-        if "correct" in sums:
-            metrics["train_accuracy"] = sums["correct"] / seen
-        if "dp_clipped" in sums:
-            metrics["dp_clipped_fraction"] = sums["dp_clipped"] / seen
-        if "update_clipped" in sums:
-            metrics["update_clipped_fraction"] = sums["update_clipped"] / max(num_clients, 1)
-        if "num_steps" in sums:
-            metrics["local_steps_mean"] = sums["num_steps"] / max(num_clients, 1)
-        return metrics
+
+def round_metrics(task: Task, sums: dict[str, jax.Array], num_clients: int) -> dict[str, float]:
+    """A round's host-side metrics from the summed client metrics: the task's training rates
+    plus the engine's counts (examples, DP clipping, local steps)."""
+    sums = {k: float(v) for k, v in sums.items()}
+    metrics = {"clients": num_clients, "examples_seen": sums.get("num_seen", 0.0)}
+    metrics.update(task.train_metrics(sums))
+    if "dp_clipped" in sums:
+        metrics["dp_clipped_fraction"] = sums["dp_clipped"] / max(sums.get("dp_selected", 0), 1.0)
+    if "update_clipped" in sums:
+        metrics["update_clipped_fraction"] = sums["update_clipped"] / max(num_clients, 1)
+    if "num_steps" in sums:
+        metrics["local_steps_mean"] = sums["num_steps"] / max(num_clients, 1)
+    return metrics

@@ -24,28 +24,44 @@ import ml_collections
 
 from jaxfl.checkpoint import check_same_config
 from jaxfl.errors import UserError
+from jaxfl.factories import PRIMARY_METRICS
 from jaxfl.metrics import read_metrics
 from jaxfl.train import train_and_evaluate
 from jaxfl.validate import validate_config
 
 RECORD_FILE = "sweep_run.json"
-# Columns after the run name and the swept values, in this order.
-SUMMARY_FIELDS = (
+# Columns after the run name and the swept values, in this order; {m} is the task's primary
+# metric (accuracy for classification, dice for segmentation: jaxfl.factories.PRIMARY_METRICS).
+_SUMMARY_TEMPLATE = (
     "status",
     "rounds_done",
-    "final_test_accuracy",
-    "best_test_accuracy",
+    "final_test_{m}",
+    "best_test_{m}",
     "best_round",
     "final_test_auc",
-    "final_heldout_accuracy_mean",
-    "final_heldout_accuracy_std",
-    "final_personalized_accuracy_mean",
-    "final_personalized_accuracy_std",
+    "final_heldout_{m}_mean",
+    "final_heldout_{m}_std",
+    "final_personalized_{m}_mean",
+    "final_personalized_{m}_std",
     "wall_time_s",
     "error",
 )
-# Shown only when some run has them (personalized evaluation is opt-in).
-OPTIONAL_FIELDS = ("final_personalized_accuracy_mean", "final_personalized_accuracy_std")
+# Shown only when some run has them (personalized evaluation is opt-in; AUC is classification's).
+_OPTIONAL_TEMPLATE = ("final_test_auc", "final_personalized_{m}_mean", "final_personalized_{m}_std")
+
+
+def summary_fields(metric: str = "accuracy") -> tuple[str, ...]:
+    """The summary columns for a task whose primary metric is ``metric``."""
+    return tuple(f.format(m=metric) for f in _SUMMARY_TEMPLATE)
+
+
+def optional_fields(metric: str = "accuracy") -> tuple[str, ...]:
+    """The summary columns a table leaves out when no run has them."""
+    return tuple(f.format(m=metric) for f in _OPTIONAL_TEMPLATE)
+
+
+SUMMARY_FIELDS = summary_fields()
+OPTIONAL_FIELDS = optional_fields()
 _MAX_NAME = 120  # well under the usual 255-byte file-name limit, leaving room for a hash
 _TRUE = ("true", "yes", "1")
 _FALSE = ("false", "no", "0")
@@ -247,28 +263,34 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
     record = _read_json(run_dir / RECORD_FILE)
-    target = record.get("rounds", _read_json(run_dir / "config.json").get("rounds"))
-    evaluated = [r for r in rows if _is_number(r.get("test_accuracy"))]
-    # First round reaching the best accuracy: ties go to the earlier round.
-    best = max(evaluated, key=lambda r: r["test_accuracy"], default=None)
+    config = _read_json(run_dir / "config.json")
+    target = record.get("rounds", config.get("rounds"))
+    m = PRIMARY_METRICS.get(config.get("task", {}).get("name", "classification"), "accuracy")
+    evaluated = [r for r in rows if _is_number(r.get(f"test_{m}"))]
+    # First round reaching the best score: ties go to the earlier round.
+    best = max(evaluated, key=lambda r: r[f"test_{m}"], default=None)
     rounds_done = _rounds_done(rows)
     return {
         "run": run_dir.name,
         **record.get("overrides", {}),
         "status": _status(record, rounds_done, target),
         "rounds_done": rounds_done,
-        "final_test_accuracy": _last(rows, "test_accuracy"),
-        "best_test_accuracy": best["test_accuracy"] if best else None,
+        f"final_test_{m}": _last(rows, f"test_{m}"),
+        f"best_test_{m}": best[f"test_{m}"] if best else None,
         "best_round": best["round"] if best else None,
         "final_test_auc": _last(rows, "test_auc"),
         **{
-            f"final_{name}_{stat}": _last(rows, f"{name}_{stat}")
-            for name in ("heldout_accuracy", "personalized_accuracy")
+            f"final_{name}_{m}_{stat}": _last(rows, f"{name}_{m}_{stat}")
+            for name in ("heldout", "personalized")
             for stat in ("mean", "std")
         },
         "wall_time_s": _last(rows, "wall_time_s"),
         "error": record.get("error"),
     }
+
+
+def _has(rows: Sequence[dict], key: str) -> bool:
+    return any(key in row for row in rows)
 
 
 def summarize(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -277,15 +299,19 @@ def summarize(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 
 def _columns(rows: Sequence[dict], compact: bool = True) -> list[str]:
-    """``run``, then the swept keys in first-seen order, then :data:`SUMMARY_FIELDS`.
+    """``run``, then the swept keys in first-seen order, then the :func:`summary_fields` of
+    the rows' primary metrics.
 
-    ``compact`` drops the :data:`OPTIONAL_FIELDS` no row has (for the markdown table).
+    ``compact`` drops the :func:`optional_fields` no row has (for the markdown table).
     """
-    swept = dict.fromkeys(k for row in rows for k in row if k != "run" and k not in SUMMARY_FIELDS)
+    metrics = [m for m in dict.fromkeys(PRIMARY_METRICS.values()) if _has(rows, f"final_test_{m}")]
+    fields = list(dict.fromkeys(f for m in metrics or ["accuracy"] for f in summary_fields(m)))
+    optional = {f for m in metrics or ["accuracy"] for f in optional_fields(m)}
+    swept = dict.fromkeys(k for row in rows for k in row if k != "run" and k not in fields)
     shown = [
         f
-        for f in SUMMARY_FIELDS
-        if not compact or f not in OPTIONAL_FIELDS or any(row.get(f) is not None for row in rows)
+        for f in fields
+        if not compact or f not in optional or any(row.get(f) is not None for row in rows)
     ]
     return ["run", *swept, *shown]
 

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,13 @@ from tqdm.auto import tqdm
 from jaxfl import factories, runtime
 from jaxfl.checkpoint import Checkpointer, check_same_config
 from jaxfl.errors import WorkdirError
-from jaxfl.evaluate import evaluate_clients, evaluate_global, make_predict_fn
 from jaxfl.metrics import read_metrics
 from jaxfl.models import count_params
 from jaxfl.privacy import accounting
 from jaxfl.privacy.plan import plan_privacy, uncovered_metrics
 from jaxfl.simulate import INIT_STREAM, num_sampled_clients
+from jaxfl.tasks import evaluate_clients, evaluate_split, make_stats_fn
+from jaxfl.types import FederatedData
 from jaxfl.validate import validate_config, validate_dataset
 
 
@@ -71,6 +73,15 @@ def _truncate_metrics(path: Path, rounds_done: int) -> list[dict[str, Any]]:
     return kept
 
 
+def _federated_data(config: ml_collections.ConfigDict) -> FederatedData:
+    """CT slices by site for segmentation, else the partitioned classification dataset."""
+    if config.task.name == "segmentation":
+        return factories.build_segmentation_data(config)
+    dataset = factories.build_dataset(config)
+    validate_dataset(config, dataset)
+    return factories.build_federated_data(config, dataset)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Run ``config.rounds`` federated rounds, evaluating, logging and checkpointing to ``workdir``.
 
@@ -85,11 +96,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # failed before its first checkpoint never blocks a corrected re-run.
     if any((workdir / "checkpoints").glob("[0-9]*")):
         check_same_config(workdir, config)
-    dataset = factories.build_dataset(config)
-    validate_dataset(config, dataset)
+    fed = _federated_data(config)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-    fed = factories.build_federated_data(config, dataset)
+    task = factories.build_task(config, fed)
     model = factories.build_model(config, fed.num_classes)
     sampling = factories.clients_per_round(config)
     rate = factories.poisson_rate(config)
@@ -108,11 +118,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     except Exception:
         checkpointer.close()
         raise
-    runner, algorithm = factories.build_runner(config, model, fed.train, privacy, sampling, rate)
+    runner, algorithm = factories.build_runner(
+        config, task, model, fed.train, privacy, sampling, rate
+    )
     init_key = jax.random.fold_in(jax.random.key(config.seed), INIT_STREAM)
-    params = factories.init_params(model, fed.train.images[0], init_key)
-    personalized_eval = factories.build_personalized_eval(config, model, runner.backend)
-    predict_fn = make_predict_fn(model.apply)
+    params = factories.init_params(model, fed.train.examples[task.input_key][0], init_key)
+    personalized_eval = factories.build_personalized_eval(config, task, model, runner.backend)
+    stats_fn = make_stats_fn(task, model.apply)
     state = runner.init(params)
 
     history = _truncate_metrics(metrics_path, start_round)
@@ -167,20 +179,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             state, metrics = runner.run_round(state, r)
             metrics = {"round": r + 1, "dataset": fed.name, "randomness": randomness, **metrics}
             if (r + 1) % config.eval_every == 0 or r + 1 == config.rounds:
+                batch = config.eval_batch_size
                 if algorithm is None:  # local-only: each client's own model, nothing global
                     per_client = runner.evaluate(state, fed.heldout, model.apply)
-                    metrics.update(_per_client("personalized_accuracy", per_client))
+                    metrics.update(_per_client("personalized", per_client))
                 else:
-                    metrics.update(
-                        evaluate_global(predict_fn, state.params, fed.test, config.eval_batch_size)
-                    )
-                    per_client = evaluate_clients(
-                        predict_fn, state.params, fed.heldout, config.eval_batch_size
-                    )
-                    metrics.update(_per_client("heldout_accuracy", per_client))
+                    metrics.update(evaluate_split(task, stats_fn, state.params, fed.test, batch))
+                    per_client = evaluate_clients(task, stats_fn, state.params, fed.heldout, batch)
+                    metrics.update(_per_client("heldout", per_client))
                 if personalized_eval is not None:
                     per_client = personalized_eval(state.params, runner.train, fed.heldout, r)
-                    metrics.update(_per_client("personalized_accuracy", per_client))
+                    metrics.update(_per_client("personalized", per_client))
             metrics.update(privacy.epsilon_metrics(r + 1))
             metrics["round_time_s"] = time.perf_counter() - round_start
             metrics["wall_time_s"] = elapsed_before + time.perf_counter() - start
@@ -191,28 +200,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 f.write(json.dumps(metrics) + "\n")
             ledger = {"noise_multipliers": privacy.ledger(r + 1)} if privacy.epsilons_for else {}
             checkpointer.maybe_save(r + 1, state, ledger, force=r + 1 == config.rounds)
-            _report(bar, metrics, config.rounds, start, r + 1 - start_round)
+            _report(bar, metrics, task, config.rounds, start, r + 1 - start_round)
     finally:
         checkpointer.close()
     return metrics
 
 
-def _per_client(name: str, values: np.ndarray) -> dict[str, Any]:
-    """Per-client values ``[K]`` under ``name`` plus their mean and std over clients."""
-    return {
-        f"{name}_mean": float(np.nanmean(values)),
-        f"{name}_std": float(np.nanstd(values)),
-        name: values,
-    }
+def _per_client(prefix: str, per_client: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Each per-client metric ``[K]`` as ``{prefix}_{name}``, plus its mean and std over clients
+    (NaN entries, clients without held-out data, are left out of both)."""
+    out: dict[str, Any] = {}
+    for name, values in per_client.items():
+        key = f"{prefix}_{name}"
+        with warnings.catch_warnings():  # all-NaN (no client has held-out data) → NaN, quietly
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[f"{key}_mean"] = float(np.nanmean(values))
+            out[f"{key}_std"] = float(np.nanstd(values))
+        out[key] = values
+    return out
 
 
-def _report(bar, metrics: dict[str, Any], rounds: int, start: float, done: int) -> None:
+def _report(bar, metrics: dict[str, Any], task, rounds: int, start: float, done: int) -> None:
     """Show a round's loss/accuracy on the progress bar, or as a log line without one.
 
     The log line ends with an ETA from this session's mean time per round (``done`` rounds
     since ``start``), as tqdm shows on a terminal.
     """
-    keys = ("train_loss", "test_accuracy", "personalized_accuracy_mean")
+    keys = (
+        "train_loss",
+        *(f"test_{m}" for m in task.headline),
+        f"personalized_{task.primary}_mean",
+    )
     summary = {k: metrics[k] for k in keys if metrics.get(k) is not None}
     if bar.disable:
         left = rounds - metrics["round"]

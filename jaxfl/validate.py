@@ -20,9 +20,11 @@ from jaxfl.defaults import OPTIONAL_FIELDS, default_config, flatten_fields
 from jaxfl.errors import ConfigError
 from jaxfl.factories import (
     ALGORITHMS,
+    CT_SOURCES,
     DATA_SOURCES,
     OPTIMIZERS,
     PARTITION_ARGS,
+    TASKS,
     build_host_aggregator,
     build_shifts,
     clients_per_round,
@@ -78,7 +80,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(errors, "algorithm.name", config.algorithm.name, ALGORITHMS)
     _choice(errors, "model.name", config.model.name, MODELS)
     _choice(errors, "partition.name", config.partition.name, PARTITION_ARGS)
-    _choice(errors, "data.source", config.data.source, DATA_SOURCES)
+    _choice(errors, "task.name", config.task.name, TASKS)
+    if config.task.name == "segmentation":
+        _choice(errors, "data.source", config.data.source, CT_SOURCES)
+        if config.model.name != "unet":
+            errors.append(
+                f"config.model.name={config.model.name!r} predicts one label per image; "
+                "segmentation needs per-pixel logits: use model.name='unet'."
+            )
+    else:
+        _choice(errors, "data.source", config.data.source, DATA_SOURCES)
+        if config.model.name == "unet":
+            errors.append(
+                "config.model.name='unet' predicts per-pixel logits; use it with "
+                "config.task.name='segmentation'."
+            )
     _choice(errors, "strategy", config.strategy, ("auto", *STRATEGIES))
     for part in ("local", "server"):
         _choice(errors, f"{part}.optimizer", config[part].optimizer, OPTIMIZERS)
@@ -204,10 +220,16 @@ def _validate_personalization(config: ml_collections.ConfigDict, errors: list[st
         if not config.algorithm.alpha >= 0:
             errors.append(f"config.algorithm.alpha={config.algorithm.alpha} must be >= 0.")
         _positive(errors, "algorithm.beta", config.algorithm.beta, float)
-    if (name.startswith("perfedavg") or name == "local") and config.dp.mode != "none":
+    if name.startswith("perfedavg") and config.dp.mode not in ("none", "record"):
         errors.append(
-            f"config.dp.mode={config.dp.mode!r} is not supported with algorithm {name!r}; "
-            "use dp.mode='none' (DP is implemented for fedavg/fedprox)."
+            f"config.dp.mode={config.dp.mode!r} is not supported with algorithm {name!r}: "
+            "update-level DP clips FedAvg-style updates; use dp.mode='record' (DP-SGD on every "
+            "batch of each Per-FedAvg step) or 'none'."
+        )
+    if name == "local" and config.dp.mode != "none":
+        errors.append(
+            f"config.dp.mode={config.dp.mode!r} is not supported with the local-only baseline "
+            "(nothing leaves the clients); use dp.mode='none'."
         )
     if name == "local" and (config.clients_per_round or config.client_fraction):
         errors.append(

@@ -36,7 +36,17 @@ def make_client_arrays(counts, n_slots=None, shape=(4, 4, 1), num_classes=3, see
         images[c, :n] = rng.normal(size=(n, *shape))
         labels[c, :n] = rng.integers(0, num_classes, size=n)
         mask[c, :n] = 1.0
-    return ClientArrays(images, labels, mask, np.asarray(counts, np.int32))
+    return ClientArrays({"image": images, "label": labels}, mask, np.asarray(counts, np.int32))
+
+
+def client_data(arrays, c: int, n: int | None = None) -> ClientData:
+    """Client ``c`` of ``arrays`` as a :class:`ClientData` (its first ``n`` slots if given)."""
+    end = arrays.mask.shape[1] if n is None else n
+    return ClientData(
+        {k: jnp.asarray(v[c, :end]) for k, v in arrays.examples.items()},
+        jnp.asarray(arrays.mask[c, :end]),
+        jnp.int32(arrays.counts[c] if n is None else n),
+    )
 
 
 def reference_round(algorithm, params, arrays, ids, seed, round_idx):
@@ -45,13 +55,7 @@ def reference_round(algorithm, params, arrays, ids, seed, round_idx):
     stream = jax.random.fold_in(jax.random.key(seed), CLIENT_STREAM)
     updates, weights = [], []
     for c in ids:
-        n = int(arrays.counts[c])
-        data = ClientData(
-            jnp.asarray(arrays.images[c, :n]),
-            jnp.asarray(arrays.labels[c, :n]),
-            jnp.ones(n),
-            jnp.int32(n),
-        )
+        data = client_data(arrays, c, int(arrays.counts[c]))
         out = jax.jit(algorithm.client_update)(
             params, data, client_key(stream, jnp.int32(round_idx), jnp.int32(c))
         )

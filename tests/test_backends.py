@@ -137,13 +137,13 @@ def test_personalized_eval_and_local_only_agree_on_every_backend(tiny_model, tin
         local.append((state.params, only.evaluate(state, heldout, tiny_model.apply)))
         assert only.strategy == f"local-only ({backend.name})"
     for acc in accs[1:]:
-        np.testing.assert_allclose(acc, accs[0])
-    assert not np.allclose(accs[0], make_personalized_eval(
+        np.testing.assert_allclose(acc["accuracy"], accs[0]["accuracy"])
+    assert not np.allclose(accs[0]["accuracy"], make_personalized_eval(
         loss, tiny_model.apply, adapt_steps=0, adapt_lr=0.3, batch_size=4, seed=0,
-    )(tiny_params, train, heldout, 2))  # fmt: skip  # adapting changed something
+    )(tiny_params, train, heldout, 2)["accuracy"])  # fmt: skip  # adapting changed something
     for params, acc in local[1:]:
         assert_trees_close(params, local[0][0])
-        np.testing.assert_allclose(acc, local[0][1])
+        np.testing.assert_allclose(acc["accuracy"], local[0][1]["accuracy"])
 
 
 @pytest.mark.parametrize("strategy, devices", [("chunked", 0), ("loop", 0), ("shard_map", 8)])

@@ -354,25 +354,31 @@ def test_real_shared_files(name, shapes, num_classes):
 def test_stack_clients_padding_mask_counts():
     images = np.arange(10 * 2 * 2, dtype=np.float32).reshape(10, 2, 2, 1) + 1.0
     labels = np.arange(10, dtype=np.int32)
-    ca = stack_clients(images, labels, [np.array([0, 3, 5]), np.array([9]), np.array([], int)], 4)
+    ca = stack_clients(
+        {"image": images, "label": labels},
+        [np.array([0, 3, 5]), np.array([9]), np.array([], int)],
+        4,
+    )
     assert isinstance(ca, ClientArrays) and ca.num_clients == 3
-    assert ca.images.shape == (3, 4, 2, 2, 1) and ca.labels.shape == (3, 4)
+    assert ca.examples["image"].shape == (3, 4, 2, 2, 1) and ca.examples["label"].shape == (3, 4)
     np.testing.assert_array_equal(ca.counts, [3, 1, 0])
     assert ca.counts.dtype == np.int32 and ca.mask.dtype == np.float32
     np.testing.assert_array_equal(ca.mask, [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
-    np.testing.assert_array_equal(ca.labels[0, :3], [0, 3, 5])
-    np.testing.assert_array_equal(ca.images[0, :3], images[[0, 3, 5]])
-    assert np.all(ca.images[ca.mask == 0] == 0) and np.all(ca.labels[ca.mask == 0] == 0)
+    np.testing.assert_array_equal(ca.examples["label"][0, :3], [0, 3, 5])
+    np.testing.assert_array_equal(ca.examples["image"][0, :3], images[[0, 3, 5]])
+    assert np.all(ca.examples["image"][ca.mask == 0] == 0) and np.all(
+        ca.examples["label"][ca.mask == 0] == 0
+    )
 
 
 def test_stack_clients_errors():
     images, labels = np.zeros((4, 2, 2, 1), np.float32), np.zeros(4, np.int32)
     with pytest.raises(ValueError, match="outside"):
-        stack_clients(images, labels, [np.array([4])])
+        stack_clients({"image": images, "label": labels}, [np.array([4])])
     with pytest.raises(ValueError, match="pad_multiple"):
-        stack_clients(images, labels, [np.array([0])], pad_multiple=0)
-    with pytest.raises(ValueError, match="labels"):
-        stack_clients(images, labels[:3], [np.array([0])])
+        stack_clients({"image": images, "label": labels}, [np.array([0])], pad_multiple=0)
+    with pytest.raises(ValueError, match="different numbers of examples"):
+        stack_clients({"image": images, "label": labels[:3]}, [np.array([0])])
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 7, 10])
@@ -388,10 +394,12 @@ def test_build_federated():
     parts = iid(ds.train.labels, 3, seed=0)
     fed = build_federated(ds, parts, heldout_fraction=0.2, seed=7, pad_multiple=8)
     assert isinstance(fed, FederatedData)
-    assert fed.num_classes == 4 and fed.name == "synthetic" and fed.test is ds.test
+    assert fed.num_classes == 4 and fed.name == "synthetic" and fed.test["image"] is ds.test.images
     np.testing.assert_array_equal(fed.train.counts, [16, 16, 16])
     np.testing.assert_array_equal(fed.heldout.counts, [4, 4, 4])
-    assert fed.train.images.shape == (3, 16, 8, 8, 1) and fed.heldout.images.shape == (
+    assert fed.train.examples["image"].shape == (3, 16, 8, 8, 1) and fed.heldout.examples[
+        "image"
+    ].shape == (
         3,
         8,
         8,
@@ -401,10 +409,14 @@ def test_build_federated():
     for c, idx in enumerate(parts):
         tr, ho = split_heldout(idx, 0.2, seed=7, client_id=c)
         np.testing.assert_array_equal(np.sort(np.concatenate([tr, ho])), idx)
-        np.testing.assert_array_equal(fed.train.images[c, : tr.size], ds.train.images[tr])
-        np.testing.assert_array_equal(fed.heldout.labels[c, : ho.size], ds.train.labels[ho])
+        np.testing.assert_array_equal(
+            fed.train.examples["image"][c, : tr.size], ds.train.images[tr]
+        )
+        np.testing.assert_array_equal(
+            fed.heldout.examples["label"][c, : ho.size], ds.train.labels[ho]
+        )
     again = build_federated(ds, parts, heldout_fraction=0.2, seed=7, pad_multiple=8)
-    np.testing.assert_array_equal(again.train.labels, fed.train.labels)
+    np.testing.assert_array_equal(again.train.examples["label"], fed.train.examples["label"])
     none_held = build_federated(ds, parts, heldout_fraction=0.0)
     np.testing.assert_array_equal(none_held.heldout.counts, [0, 0, 0])
     assert none_held.heldout.mask.sum() == 0

@@ -7,25 +7,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import make_client_arrays
+from helpers import client_data, make_client_arrays
 
-from jaxfl.algorithms import classification_loss
+from jaxfl.algorithms import classification_loss, local_train
 from jaxfl.privacy.dp_sgd import (
     DPSGD,
     clip_and_sum,
     dp_sgd_gradient,
-    local_train_dp,
     per_example_grads,
     poisson_order,
 )
-from jaxfl.types import ClientData
 
 CLIP = 0.5
 
 
 def _client(counts=(20,), n_slots=24, c=0):
     arrays = make_client_arrays(list(counts), n_slots=n_slots)
-    return ClientData(*(jnp.asarray(a[c]) for a in arrays))
+    return client_data(arrays, c)
 
 
 def _step(loss, params, data, key, noise=0.0, rate=0.5, micro=4, per_example="auto"):
@@ -55,8 +53,8 @@ def test_noiseless_step_equals_per_example_reference_loop(tiny_model, tiny_param
     assert 0 < len(selected) < int(data.count)
     ref = jax.tree.map(jnp.zeros_like, tiny_params)
     for i in selected:  # clip each example individually, sum, divide by the expected batch
-        x, y = data.images[i : i + 1], data.labels[i : i + 1]
-        g = jax.grad(lambda p, x=x, y=y: loss(p, x, y, jnp.ones(1))[0])(tiny_params)
+        one = {k: v[i : i + 1] for k, v in data.examples.items()}
+        g = jax.grad(lambda p, one=one: loss(p, one, jnp.ones(1))[0])(tiny_params)
         norm = np.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(g)))
         ref = jax.tree.map(lambda r, x, n=norm: r + x * min(1.0, CLIP / n), ref, g)
     for a, b in zip(jax.tree.leaves(out.grad), jax.tree.leaves(ref), strict=True):
@@ -86,7 +84,7 @@ def test_unknown_per_example_mode_is_refused(tiny_model, tiny_params):
 def test_clipped_per_example_gradients_have_norm_at_most_c(tiny_model, tiny_params):
     loss = classification_loss(tiny_model.apply)
     data = _client()
-    _, grads = per_example_grads(loss, tiny_params, data.images[:20], data.labels[:20])
+    _, grads = per_example_grads(loss, tiny_params, {k: v[:20] for k, v in data.examples.items()})
     for i in range(20):
         one = jax.tree.map(lambda g, i=i: g[i : i + 1], grads)
         mask = jnp.ones(1)
@@ -100,7 +98,9 @@ def test_padding_and_garbage_in_padding_change_nothing(tiny_model, tiny_params, 
     loss = classification_loss(tiny_model.apply)
     small = _client(n_slots=20)
     big = _client(n_slots=40)
-    big = big._replace(images=big.images.at[20:].set(1e6), labels=big.labels.at[20:].set(2))
+    ex = big.examples
+    garbage = {"image": ex["image"].at[20:].set(1e6), "label": ex["label"].at[20:].set(2)}
+    big = big._replace(examples=garbage)
     key = jax.random.key(0)
     a = _step(loss, tiny_params, small, key, noise=1.0, per_example=per_example)
     b = _step(loss, tiny_params, big, key, noise=1.0, per_example=per_example)
@@ -136,11 +136,12 @@ def test_local_train_dp_steps_and_noiseless_learning(tiny_model, tiny_params):
     data = _client(counts=(5, 20), c=1)
     dp = DPSGD(clip_norm=10.0, noise_multiplier=0.0, microbatch_size=8)
     fn = jax.jit(
-        lambda p, d, k: local_train_dp(loss, optax.sgd(0.1), p, d, k, batch_size=8, epochs=2, dp=dp)
+        lambda p, d, k: local_train(loss, optax.sgd(0.1), p, d, k, batch_size=8, epochs=2, dp=dp)
     )
-    res, _ = fn(tiny_params, data, jax.random.key(0))
+    res = fn(tiny_params, data, jax.random.key(0))
     assert int(res.num_steps) == 2 * 3  # epochs * ceil(20 / 8)
-    assert 0 < float(res.num_seen) <= 2 * 20 * 1.8  # Poisson: about 2 * 20 on average
+    assert 0 < float(res.sums["num_seen"]) <= 2 * 20 * 1.8  # Poisson: about 2 * 20 on average
+    assert float(res.sums["dp_selected"]) == float(res.sums["num_seen"])
     before, after = jax.tree.leaves(tiny_params), jax.tree.leaves(res.params)
     assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
 

@@ -24,6 +24,7 @@ def run_suite(out: Path, *flags: str, inject: dict | None = None) -> dict:
     return json.loads((out / "gpu_suite.json").read_text())
 
 
+@pytest.mark.slow  # ~55 s; run it (pytest -m slow tests/test_gpu_suite.py) before any GPU call
 def test_cpu_dry_run_measures_every_row_kind(tmp_path):
     report = run_suite(tmp_path)
     rows = {r["id"]: r for r in report["rows"]}

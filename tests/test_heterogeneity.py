@@ -199,38 +199,47 @@ def _client_arrays(shape=(6, 6, 1), counts=(4, 0, 2)):
     labels = np.arange(n) % 3
     bounds = np.cumsum((0, *counts))
     idx = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return stack_clients(images, labels, idx)
+    return stack_clients({"image": images, "label": labels}, idx)
 
 
 def test_apply_to_clients_shifts_real_rows_only():
     arrays = _client_arrays()
     shifts = [COMBINED, AcquisitionShift(noise_std=0.2), AcquisitionShift(offset=0.3)]
     out = apply_to_clients(arrays, shifts, seed=0)
-    for field in ("labels", "mask", "counts"):
+    np.testing.assert_array_equal(out.examples["label"], arrays.examples["label"])
+    for field in ("mask", "counts"):
         np.testing.assert_array_equal(getattr(out, field), getattr(arrays, field))
-    assert out.images.shape == arrays.images.shape and out.images.dtype == np.float32
-    np.testing.assert_array_equal(out.images[0, 4:], 0.0)
-    np.testing.assert_array_equal(out.images[1], 0.0)
-    np.testing.assert_array_equal(out.images[2, 2:], 0.0)
-    np.testing.assert_allclose(out.images[2, :2], arrays.images[2, :2] + 0.3, atol=1e-6)
-    expected = apply_shift(arrays.images[0, :4], COMBINED, seed=0, client_id=0)
-    np.testing.assert_array_equal(out.images[0, :4], expected)
+    assert (
+        out.examples["image"].shape == arrays.examples["image"].shape
+        and out.examples["image"].dtype == np.float32
+    )
+    np.testing.assert_array_equal(out.examples["image"][0, 4:], 0.0)
+    np.testing.assert_array_equal(out.examples["image"][1], 0.0)
+    np.testing.assert_array_equal(out.examples["image"][2, 2:], 0.0)
+    np.testing.assert_allclose(
+        out.examples["image"][2, :2], arrays.examples["image"][2, :2] + 0.3, atol=1e-6
+    )
+    expected = apply_shift(arrays.examples["image"][0, :4], COMBINED, seed=0, client_id=0)
+    np.testing.assert_array_equal(out.examples["image"][0, :4], expected)
 
 
 def test_apply_to_clients_identity_and_streams():
     arrays = _client_arrays()
     same = apply_to_clients(arrays, [AcquisitionShift()] * 3, seed=0)
-    np.testing.assert_array_equal(same.images, arrays.images)
+    np.testing.assert_array_equal(same.examples["image"], arrays.examples["image"])
     noisy = [AcquisitionShift(noise_std=0.1)] * 3
     train = apply_to_clients(arrays, noisy, seed=0, stream=TRAIN_STREAM)
     heldout = apply_to_clients(arrays, noisy, seed=0, stream=HELDOUT_STREAM)
-    np.testing.assert_array_equal(train.images, apply_to_clients(arrays, noisy, seed=0).images)
-    assert not np.allclose(train.images[0, :4], heldout.images[0, :4])
+    np.testing.assert_array_equal(
+        train.examples["image"], apply_to_clients(arrays, noisy, seed=0).examples["image"]
+    )
+    assert not np.allclose(train.examples["image"][0, :4], heldout.examples["image"][0, :4])
     # Same shift on identical images of two clients: the noise must differ between clients.
     twins = _client_arrays(counts=(2, 2))
-    twins = twins._replace(images=np.stack([twins.images[0], twins.images[0]]))
+    first = twins.examples["image"][0]
+    twins = twins._replace(examples={**twins.examples, "image": np.stack([first, first])})
     both = apply_to_clients(twins, noisy[:2], seed=0)
-    assert not np.allclose(both.images[0], both.images[1])
+    assert not np.allclose(both.examples["image"][0], both.examples["image"][1])
 
 
 def test_apply_to_clients_rejects_wrong_number_of_shifts():
@@ -247,11 +256,15 @@ def test_apply_to_clients_names_the_client_on_2d_thickness():
 def test_apply_to_clients_volumes_with_presets():
     arrays = _client_arrays(shape=(10, 4, 4, 1), counts=(2, 3, 1))
     out = apply_to_clients(arrays, scanner_presets(3), seed=0)
-    np.testing.assert_array_equal(out.images[0], arrays.images[0])
-    np.testing.assert_allclose(out.images[1, :3, :2], average_slices(arrays.images[1, :3], 5))
-    np.testing.assert_array_equal(out.images[1, :, 2:], 0.0)
-    np.testing.assert_allclose(out.images[2, :1, 0], arrays.images[2, :1].mean(axis=1), atol=1e-6)
-    np.testing.assert_array_equal(out.images[2, :, 1:], 0.0)
+    np.testing.assert_array_equal(out.examples["image"][0], arrays.examples["image"][0])
+    np.testing.assert_allclose(
+        out.examples["image"][1, :3, :2], average_slices(arrays.examples["image"][1, :3], 5)
+    )
+    np.testing.assert_array_equal(out.examples["image"][1, :, 2:], 0.0)
+    np.testing.assert_allclose(
+        out.examples["image"][2, :1, 0], arrays.examples["image"][2, :1].mean(axis=1), atol=1e-6
+    )
+    np.testing.assert_array_equal(out.examples["image"][2, :, 1:], 0.0)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -372,3 +385,58 @@ def test_shifts_from_config_accepts_config_dicts():
     ml_collections = pytest.importorskip("ml_collections")
     spec = ml_collections.ConfigDict({"strength": 0.3, "seed": 2})
     assert shifts_from_config(spec, 2, is_3d=False) == sample_shifts(2, 2, 0.3)
+
+
+# --------------------------------------------------------------------------- label alignment
+
+
+@pytest.mark.parametrize("name", [*SINGLE_SHIFTS, "combined"])
+def test_2d_masks_stay_aligned_under_in_plane_transforms(name):
+    # A lesion blob: the shifted image must still be brightest where the mask says lesion,
+    # i.e. the image/mask overlap is best at zero offset (a drifted mask would peak elsewhere).
+    shift = COMBINED if name == "combined" else SINGLE_SHIFTS[name]
+    yy, xx = np.mgrid[:16, :16]
+    mask = (((yy - 6) ** 2 + (xx - 9) ** 2) <= 9).astype(np.int32)
+    image = (mask * 1.6 - 0.8).astype(np.float32)[None, :, :, None]
+    arrays = stack_clients({"image": image, "mask": mask[None]}, [np.arange(1)])
+    out = apply_to_clients(arrays, [shift], seed=0, label_keys=("mask",))
+    np.testing.assert_array_equal(out.examples["mask"], arrays.examples["mask"])
+    shifted = out.examples["image"][0, 0, ..., 0]
+    sign = np.sign(np.corrcoef(shifted.ravel(), image.ravel())[0, 1])  # gamma keeps the order
+    scores = {
+        (dy, dx): sign * np.sum(shifted * np.roll(mask, (dy, dx), axis=(0, 1)))
+        for dy in range(-2, 3)
+        for dx in range(-2, 3)
+    }
+    assert max(scores, key=scores.get) == (0, 0), name
+
+
+@pytest.mark.parametrize("thickness, mode", [(3, "pad"), (4, "pad"), (5, "repeat"), (2, "repeat")])
+def test_3d_masks_follow_slice_thickness(thickness, mode):
+    # Slice z holds the value z everywhere and the label z: after averaging, every thick slice
+    # must carry the label of the slice at its centre, i.e. within half a group of its value.
+    depth = 12
+    z = np.arange(depth, dtype=np.float32)
+    image = np.broadcast_to(z[None, :, None, None, None], (1, depth, 4, 4, 1)).copy()
+    mask = np.broadcast_to(np.arange(depth, dtype=np.int32)[None, :, None, None], (1, depth, 4, 4))
+    shift = AcquisitionShift(slice_thickness=thickness, slice_mode=mode)
+    arrays = stack_clients({"image": image / depth, "mask": mask.copy()}, [np.arange(1)])
+    out = apply_to_clients(arrays, [shift], seed=0, label_keys=("mask",), ignore_label=-1)
+    values = out.examples["image"][0, 0, :, 0, 0, 0] * depth
+    labels = out.examples["mask"][0, 0, :, 0, 0]
+    groups = -(-depth // thickness)
+    real = np.arange(depth) < groups if mode == "pad" else np.ones(depth, bool)
+    assert np.all(np.abs(labels[real] - values[real]) <= (thickness - 1) / 2 + 1e-5)
+    if mode == "pad":
+        # The padded slices have no anatomy: image exactly 0, label ignored.
+        np.testing.assert_array_equal(values[~real], 0.0)
+        np.testing.assert_array_equal(labels[~real], -1)
+        # Without label_keys the mask would silently stay put and drift from the image.
+        stale = apply_to_clients(arrays, [shift], seed=0).examples["mask"][0, 0, :, 0, 0]
+        assert np.any(np.abs(stale[real] - values[real]) > (thickness - 1) / 2 + 1e-5)
+
+
+def test_label_keys_must_name_features():
+    arrays = stack_clients({"image": _images()}, [np.arange(5)])
+    with pytest.raises(ValueError, match="label_keys"):
+        apply_to_clients(arrays, [AcquisitionShift(noise_std=0.1)], seed=0, label_keys=("mask",))

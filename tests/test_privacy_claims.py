@@ -9,13 +9,14 @@ import numpy as np
 import optax
 import pytest
 from dp_accounting import dp_event
-from helpers import make_client_arrays
+from helpers import client_data, make_client_arrays
 
 from configs import debug
 from jaxfl.algorithms import classification_loss, fedavg
+from jaxfl.algorithms.local import local_train
 from jaxfl.metrics import read_metrics
 from jaxfl.privacy import accounting
-from jaxfl.privacy.dp_sgd import DPSGD, clip_and_sum, clipped_sum_scan, local_train_dp
+from jaxfl.privacy.dp_sgd import DPSGD, clip_and_sum, clipped_sum_scan, gradient_of
 from jaxfl.privacy.plan import PrivacyBudgetError, plan_privacy
 from jaxfl.privacy.update_dp import UpdateDP
 from jaxfl.secure.aggregators import make_host_aggregator
@@ -23,7 +24,6 @@ from jaxfl.secure.secagg import SecAggConfig, secagg_sum
 from jaxfl.simulate import Simulator
 from jaxfl.sweep import apply_overrides
 from jaxfl.train import train_and_evaluate
-from jaxfl.types import ClientData
 
 DELTA = 1e-5
 SMALL = {
@@ -170,7 +170,9 @@ def test_scan_path_drops_non_finite_examples_too(tiny_model, tiny_params):
     images = jnp.ones((4, 4, 4, 1)).at[1].set(jnp.inf).at[2].set(jnp.nan)
     labels = jnp.zeros((4,), jnp.int32)
     for mask in (jnp.array([1.0, 0.0, 0.0, 1.0]), jnp.ones(4)):
-        total, clipped, loss_sum, _ = clipped_sum_scan(loss, tiny_params, images, labels, mask, 1.0)
+        batch = {"image": images, "label": labels}
+        total, clipped, sums = clipped_sum_scan(gradient_of(loss), tiny_params, batch, mask, 1.0)
+        loss_sum = sums["loss_sum"]
         assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(total))
         assert bool(jnp.isfinite(loss_sum))
     assert float(clipped) >= 2.0
@@ -179,10 +181,11 @@ def test_scan_path_drops_non_finite_examples_too(tiny_model, tiny_params):
 @pytest.mark.parametrize("per_example", ["vmap", "scan"])
 def test_local_dp_training_with_inf_in_padding_stays_finite(tiny_model, tiny_params, per_example):
     arrays = make_client_arrays([5], n_slots=16)
-    data = ClientData(*(jnp.asarray(a[0]) for a in arrays))
-    data = data._replace(images=data.images.at[5:].set(jnp.inf))
+    data = client_data(arrays, 0)
+    image = data.examples["image"].at[5:].set(jnp.inf)
+    data = data._replace(examples={**data.examples, "image": image})
     loss = classification_loss(tiny_model.apply)
-    result, _ = local_train_dp(
+    result = local_train(
         loss, optax.sgd(0.1), tiny_params, data, jax.random.key(0), batch_size=4, epochs=2,
         dp=DPSGD(1.0, 0.5, microbatch_size=4, per_example=per_example),
     )  # fmt: skip

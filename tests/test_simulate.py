@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_close, make_client_arrays, reference_round
+from helpers import assert_trees_close, client_data, make_client_arrays, reference_round
 
 from jaxfl.algorithms import classification_loss, fedavg, fedprox
 from jaxfl.simulate import Simulator, client_key, num_sampled_clients
-from jaxfl.types import ClientData
 
 COUNTS = [5, 12, 1, 9, 7]
 
@@ -72,10 +71,10 @@ def test_padding_does_not_change_results(tiny_model, tiny_params):
 def test_padded_examples_are_ignored_even_if_garbage(tiny_model, tiny_params):
     algorithm = _algorithms(tiny_model)["fedavg"]
     clean = make_client_arrays(COUNTS, n_slots=14)
-    dirty = clean._replace(images=clean.images.copy(), labels=clean.labels.copy())
+    dirty = clean._replace(examples={k: v.copy() for k, v in clean.examples.items()})
     for c, n in enumerate(COUNTS):
-        dirty.images[c, n:] = 1e6
-        dirty.labels[c, n:] = 2
+        dirty.examples["image"][c, n:] = 1e6
+        dirty.examples["label"][c, n:] = 2
     results = []
     for arrays in (clean, dirty):
         sim = Simulator(algorithm, arrays, seed=0, strategy="loop")
@@ -87,7 +86,7 @@ def test_local_steps_follow_real_client_size(tiny_model, tiny_params):
     algorithm = _algorithms(tiny_model)["fedavg"]  # batch 4, 2 epochs
     arrays = make_client_arrays(COUNTS, n_slots=16)
     c = 1
-    data = ClientData(*(jnp.asarray(a[c]) for a in arrays))
+    data = client_data(arrays, c)
     out = jax.jit(algorithm.client_update)(tiny_params, data, jax.random.key(0))
     assert float(out.metrics["num_steps"]) == 2 * np.ceil(COUNTS[c] / 4)
     assert float(out.metrics["num_seen"]) == 2 * COUNTS[c]

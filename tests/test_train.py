@@ -77,10 +77,14 @@ def test_heterogeneity_shifts_client_data_but_not_the_test_split():
     dataset = factories.build_dataset(plain)
     a = factories.build_federated_data(plain, dataset)
     b = factories.build_federated_data(shifted, dataset)
-    assert (a.train.images != b.train.images).any() and (a.heldout.images != b.heldout.images).any()
-    assert (a.train.labels == b.train.labels).all() and (a.test.images == b.test.images).all()
+    assert (a.train.examples["image"] != b.train.examples["image"]).any() and (
+        a.heldout.examples["image"] != b.heldout.examples["image"]
+    ).any()
+    assert (a.train.examples["label"] == b.train.examples["label"]).all() and (
+        a.test["image"] == b.test["image"]
+    ).all()
     pad = b.train.mask == 0
-    assert (b.train.images[pad] == 0).all()
+    assert (b.train.examples["image"][pad] == 0).all()
 
 
 def test_missing_medmnist_file_can_fall_back_to_synthetic_with_a_warning(tmp_path, caplog):
@@ -101,3 +105,21 @@ def test_heterogeneity_can_be_listed_per_client_in_a_config_file():
     config.heterogeneity.clients = [{"scale": 0.5}]
     with pytest.raises(ValueError, match="1 per-client settings for 4 clients"):
         factories.build_shifts(config, is_3d=False)
+
+
+def test_classification_metrics_pinned_across_the_task_refactor(tmp_path):
+    # Recorded from the debug run before classification became a Task (commit c494051): the
+    # Task interface and the one local-training loop must not move a single number.
+    final = train_and_evaluate(_small(), tmp_path)
+    expected = {
+        "train_loss": 1.4233972420964216,
+        "train_accuracy": 0.36787564766839376,
+        "test_accuracy": 0.3,
+        "test_auc": 0.6891666666666667,
+        "test_loss": 1.3648300494940593,
+    }
+    for key, value in expected.items():
+        assert final[key] == pytest.approx(value, rel=1e-6), key
+    assert final["heldout_accuracy"] == pytest.approx(
+        [0.1875, 0.5555555555555556, 0.2727272727272727, 0.2727272727272727], rel=1e-6
+    )

@@ -7,13 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import make_client_arrays
+from helpers import client_data, make_client_arrays
 
 from jaxfl.algorithms import classification_loss, fedavg
 from jaxfl.privacy.accounting import seed_as_coded_noise_std
 from jaxfl.privacy.update_dp import UpdateDP, add_gaussian_noise, clip_update
 from jaxfl.simulate import Simulator, client_key
-from jaxfl.types import ClientData
 
 COUNTS = [6, 11, 3]
 
@@ -38,7 +37,7 @@ def test_clip_update_bounds_the_norm_and_keeps_small_updates():
 
 def test_local_mode_clips_then_noises_each_client(tiny_model, tiny_params):
     arrays = make_client_arrays(COUNTS, n_slots=12)
-    data = ClientData(*(jnp.asarray(a[1]) for a in arrays))
+    data = client_data(arrays, 1)
     key = jax.random.key(4)
     clip = 0.05
     quiet = _alg(tiny_model, UpdateDP("local", clip, 0.0)).client_update(tiny_params, data, key)
@@ -67,7 +66,7 @@ def test_central_mode_is_the_noised_uniform_mean_of_clipped_updates(tiny_model, 
     # Reference: each client's unclipped update under the same key, clipped by hand, uniform mean.
     ref = jax.tree.map(jnp.zeros_like, tiny_params)
     for c in range(len(COUNTS)):
-        data = ClientData(*(jnp.asarray(a[c]) for a in arrays))
+        data = client_data(arrays, c)
         key = client_key(sim.client_stream, jnp.int32(0), jnp.int32(c))
         out = _alg(tiny_model, UpdateDP("central", 1e9, 0.0)).client_update(tiny_params, data, key)
         clipped, _ = clip_update(out.update, clip)

@@ -117,7 +117,10 @@ def test_perfedavg_hetero_config_validates_and_falls_back_to_synthetic(tmp_path)
     "overrides,message",
     [
         ({"algorithm.name": "perfedavg_fo", "algorithm.beta": 0.0}, "algorithm.beta=0.0"),
-        ({"algorithm.name": "perfedavg_hf", "dp.mode": "record"}, "not supported with algorithm"),
+        (
+            {"algorithm.name": "perfedavg_hf", "dp.mode": "local_update"},
+            "not supported with algorithm",
+        ),
         ({"algorithm.name": "local", "clients_per_round": 2}, "trains every client every round"),
         ({"personalization.enabled": True, "personalization.adapt_lr": 0.0}, "adapt_lr=0.0"),
     ],

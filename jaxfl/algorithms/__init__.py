@@ -6,16 +6,18 @@ from jaxfl.algorithms.base import (
     LossFn,
     ServerState,
     classification_loss,
-    local_train,
     server_apply,
 )
 from jaxfl.algorithms.fedavg import fedavg, fedprox
+from jaxfl.algorithms.local import SGD, StepRule, local_train
 
 __all__ = [
     "ClientOutput",
     "FederatedAlgorithm",
     "LossFn",
+    "SGD",
     "ServerState",
+    "StepRule",
     "classification_loss",
     "fedavg",
     "fedprox",

@@ -11,10 +11,10 @@ from jaxfl.algorithms.base import (
     FederatedAlgorithm,
     LossFn,
     fedopt_server,
-    local_train,
     weighted_mean,
 )
-from jaxfl.privacy.dp_sgd import DPSGD, local_train_dp
+from jaxfl.algorithms.local import local_train
+from jaxfl.privacy.dp_sgd import DPSGD
 from jaxfl.privacy.update_dp import UpdateDP, add_gaussian_noise, clip_update
 from jaxfl.tree import tree_scale, tree_sq_norm, tree_sub
 from jaxfl.types import ClientData, Params, PRNGKey
@@ -54,22 +54,11 @@ def fedprox(
 
         if update_dp is not None:
             key, noise_key = jax.random.split(key)
-        kw = dict(batch_size=batch_size, epochs=epochs, regularizer=regularizer)
-        extra = {}
-        if dp is None:
-            res = local_train(loss_fn, client_optimizer, global_params, data, key, **kw)
-        else:
-            res, clipped = local_train_dp(
-                loss_fn, client_optimizer, global_params, data, key, dp=dp, **kw
-            )
-            extra["dp_clipped"] = clipped
-        metrics = {
-            **extra,
-            "loss_sum": res.loss_sum,
-            "correct": res.correct,
-            "num_seen": res.num_seen,
-            "num_steps": res.num_steps.astype(jnp.float32),
-        }
+        res = local_train(
+            loss_fn, client_optimizer, global_params, data, key,
+            batch_size=batch_size, epochs=epochs, dp=dp, regularizer=regularizer,
+        )  # fmt: skip
+        metrics = {**res.sums, "num_steps": res.num_steps.astype(jnp.float32)}
         weight = data.count.astype(jnp.float32)
         update = tree_sub(res.params, global_params)
         if update_dp is not None:

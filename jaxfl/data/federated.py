@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from jaxfl.types import ClientArrays, Dataset, FederatedData
+from jaxfl.types import ClientArrays, Dataset, FederatedData, Split
 
 # Guards floor(f * n) against float error, e.g. 0.3 * 10 = 2.9999999999999996.
 _EPS = 1e-9
@@ -39,21 +39,25 @@ def _check_indices(client_indices: Sequence[Any], n: int) -> list[np.ndarray]:
 
 
 def stack_clients(
-    images: np.ndarray,
-    labels: np.ndarray,
+    examples: Mapping[str, np.ndarray],
     client_indices: Sequence[Any],
     pad_multiple: int = 1,
 ) -> ClientArrays:
-    """Gather each client's examples into ``images [K, L, ...]``, ``labels/mask [K, L]``.
+    """Gather each client's examples: every feature ``[N, ...]`` becomes ``[K, L, ...]``, plus
+    ``mask [K, L]`` and ``counts [K]``.
 
     ``L`` is the largest client size rounded up to ``pad_multiple`` (at least one slot, so
     all-empty splits keep a valid shape); padding is zeros with mask 0 after the real examples.
     """
-    images, labels = np.asarray(images), np.asarray(labels)
-    if images.shape[0] != labels.shape[0]:
+    examples = {k: np.asarray(v) for k, v in examples.items()}
+    sizes = {k: v.shape[0] for k, v in examples.items()}
+    if not sizes:
         raise ValueError(
-            f"images has {images.shape[0]} examples but labels has {labels.shape[0]}; "
-            "pass arrays from the same split"
+            "examples is empty; pass a dict of features, e.g. {'image': ..., 'label': ...}"
+        )
+    if len(set(sizes.values())) != 1:
+        raise ValueError(
+            f"features have different numbers of examples {sizes}; pass arrays from the same split"
         )
     if isinstance(pad_multiple, bool) or not isinstance(pad_multiple, (int, np.integer)):
         raise ValueError(f"pad_multiple must be an int >= 1, got {pad_multiple!r}")
@@ -61,20 +65,19 @@ def stack_clients(
         raise ValueError(
             f"pad_multiple must be an int >= 1 (e.g. the batch size), got {pad_multiple}"
         )
-    idx = _check_indices(client_indices, images.shape[0])
+    idx = _check_indices(client_indices, next(iter(sizes.values())))
     counts = np.array([i.size for i in idx], dtype=np.int32)
     length = max(1, int(counts.max()))
     length = -(-length // int(pad_multiple)) * int(pad_multiple)
 
     k = len(idx)
-    out_images = np.zeros((k, length, *images.shape[1:]), dtype=images.dtype)
-    out_labels = np.zeros((k, length), dtype=np.int32)
+    out = {name: np.zeros((k, length, *v.shape[1:]), dtype=v.dtype) for name, v in examples.items()}
     mask = np.zeros((k, length), dtype=np.float32)
     for c, ix in enumerate(idx):
-        out_images[c, : ix.size] = images[ix]
-        out_labels[c, : ix.size] = labels[ix]
+        for name, v in examples.items():
+            out[name][c, : ix.size] = v[ix]
         mask[c, : ix.size] = 1.0
-    return ClientArrays(images=out_images, labels=out_labels, mask=mask, counts=counts)
+    return ClientArrays(examples=out, mask=mask, counts=counts)
 
 
 def split_heldout(
@@ -96,6 +99,11 @@ def split_heldout(
     return perm[:n_train], perm[n_train:]
 
 
+def _classification_examples(split: Split) -> dict[str, np.ndarray]:
+    """A classification split's features; labels as int32 ``[N]`` (MedMNIST stores ``[N, 1]``)."""
+    return {"image": np.asarray(split.images), "label": np.asarray(split.labels).astype(np.int32)}
+
+
 def build_federated(
     dataset: Dataset,
     client_indices: Sequence[Any],
@@ -108,11 +116,11 @@ def build_federated(
     pairs = [split_heldout(ix, heldout_fraction, seed, c) for c, ix in enumerate(idx)]
     train_idx = [p[0] for p in pairs]
     heldout_idx = [p[1] for p in pairs]
-    images, labels = dataset.train.images, dataset.train.labels
+    examples = _classification_examples(dataset.train)
     return FederatedData(
-        train=stack_clients(images, labels, train_idx, pad_multiple),
-        heldout=stack_clients(images, labels, heldout_idx, pad_multiple),
-        test=dataset.test,
+        train=stack_clients(examples, train_idx, pad_multiple),
+        heldout=stack_clients(examples, heldout_idx, pad_multiple),
+        test=_classification_examples(dataset.test),
         num_classes=dataset.num_classes,
         name=dataset.name,
     )

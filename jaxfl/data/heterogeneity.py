@@ -23,6 +23,13 @@ then the detector response, then electronic noise, so the noise stays white):
 6. noise: ``x + noise_std * N(0, 1)``, drawn from a numpy Generator seeded with
    ``(seed, stream, client_id)``.
 
+Label maps (a segmentation ``mask``) must stay on their image's grid: steps 1 and 3-6 keep
+every pixel where it is, but slice thickness moves anatomy along depth (thick slice ``j`` shows
+slices ``[jt, (j+1)t)``). :func:`shift_labels` gives the labels that go with a shifted volume:
+each thick slice takes the labels of its group's middle slice (the slice it is centred on), and
+``"pad"``'s appended slices are labelled ``ignore_label`` (no anatomy, nothing to learn).
+:func:`apply_to_clients` applies it to the features named in ``label_keys``.
+
 A parameter at its identity value skips its step, so the identity shift returns the input
 exactly. In ``"pad"`` mode steps 3-6 run on the ``ceil(D / t)`` averaged slices (blur's depth
 sigma then counts thick slices) and the padding is appended last, so the padded slices are
@@ -279,6 +286,29 @@ def apply_shift(
     return x.astype(np.float32, copy=False)
 
 
+def shift_labels(labels: np.ndarray, shift: AcquisitionShift, ignore_label: int = -1) -> np.ndarray:
+    """The label maps ``[N, *spatial]`` that stay aligned with ``apply_shift``'s output.
+
+    Only slice thickness moves anatomy (module docstring); for 2D labels, or thickness 1, the
+    labels are returned unchanged. 3D labels are ``[N, D, H, W]``.
+    """
+    t = shift.slice_thickness
+    if t == 1:
+        return labels
+    if labels.ndim != 4:
+        raise ValueError(
+            f"slice_thickness={t} needs 3D label maps [N, D, H, W], got shape {labels.shape}"
+        )
+    depth = labels.shape[1]
+    starts = np.arange(0, depth, t)
+    middles = starts + (np.minimum(starts + t, depth) - starts - 1) // 2
+    thick = labels[:, middles]
+    if shift.slice_mode == "repeat":
+        return np.repeat(thick, t, axis=1)[:, :depth]
+    pad = np.full((labels.shape[0], depth - thick.shape[1], *labels.shape[2:]), ignore_label)
+    return np.concatenate([thick, pad.astype(labels.dtype)], axis=1)
+
+
 def apply_to_clients(
     arrays: ClientArrays,
     shifts: Sequence[AcquisitionShift],
@@ -286,15 +316,22 @@ def apply_to_clients(
     seed: int,
     stream: int = TRAIN_STREAM,
     value_range: Sequence[float] = DEFAULT_VALUE_RANGE,
+    label_keys: Sequence[str] = (),
+    ignore_label: int = -1,
 ) -> ClientArrays:
-    """Client ``k``'s shift applied to its real examples ``arrays.images[k, :counts[k]]``.
+    """Client ``k``'s shift applied to its real images ``arrays.examples["image"][k, :counts[k]]``.
 
-    ``arrays.images`` is ``[K, N, *spatial, C]``; padding rows, labels, mask and counts are
-    returned untouched. Use the same ``shifts`` and ``seed`` for a client's train and
-    held-out arrays (same scanner) with different ``stream`` (``TRAIN_STREAM`` /
-    ``HELDOUT_STREAM``) so their noise draws differ.
+    The images are ``[K, N, *spatial, C]``; the features in ``label_keys`` (label maps
+    ``[K, N, *spatial]``) follow them through :func:`shift_labels`; padding rows, other
+    features, mask and counts are returned untouched. Use the same ``shifts`` and ``seed`` for
+    a client's train and held-out arrays (same scanner) with different ``stream``
+    (``TRAIN_STREAM`` / ``HELDOUT_STREAM``) so their noise draws differ.
     """
-    images = np.asarray(arrays.images)
+    missing = [k for k in label_keys if k not in arrays.examples]
+    if missing:
+        raise ValueError(f"label_keys {missing} are not features of {sorted(arrays.examples)}")
+    labels = {k: np.array(arrays.examples[k], copy=True) for k in label_keys}
+    images = np.asarray(arrays.examples["image"])
     counts = np.asarray(arrays.counts)
     k = counts.shape[0]
     if len(shifts) != k:
@@ -316,9 +353,11 @@ def apply_to_clients(
                 stream=stream,
                 value_range=value_range,
             )
+            for v in labels.values():
+                v[c, :n] = shift_labels(v[c, :n], shift, ignore_label)
         except ValueError as e:
             raise ValueError(f"client {c}: {e}") from None
-    return arrays._replace(images=out)
+    return arrays._replace(examples={**arrays.examples, **labels, "image": out})
 
 
 def scanner_presets(

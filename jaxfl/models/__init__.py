@@ -11,10 +11,11 @@ import numpy as np
 
 from jaxfl.models.cnn import SmallCNN
 from jaxfl.models.resnet import DPResNet
+from jaxfl.models.unet import UNet
 
-MODELS: dict[str, type[nn.Module]] = {"cnn": SmallCNN, "dpresnet": DPResNet}
+MODELS: dict[str, type[nn.Module]] = {"cnn": SmallCNN, "dpresnet": DPResNet, "unet": UNet}
 
-__all__ = ["MODELS", "DPResNet", "SmallCNN", "count_params", "get_model"]
+__all__ = ["MODELS", "DPResNet", "SmallCNN", "UNet", "count_params", "get_model"]
 
 
 def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:

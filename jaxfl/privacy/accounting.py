@@ -84,16 +84,25 @@ def dp_sgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> d
 
 
 def client_dp_sgd_event(
-    noise_multiplier: float, client_size: int, batch_size: int, epochs: int, rounds: int
+    noise_multiplier: float,
+    client_size: int,
+    batch_size: int,
+    epochs: int,
+    rounds: int,
+    draws_per_round: Callable[[int], int] | None = None,
 ) -> dp_event.DpEvent:
-    """One client's DP-SGD over the run: rate ``B / n``, ``epochs * ceil(n / B)`` steps a round.
+    """One client's DP-SGD over the run: rate ``B / n``, ``draws_per_round(n)`` privatized draws
+    a round (default ``epochs * ceil(n / B)``, FedAvg's local SGD).
 
-    The schedule :func:`jaxfl.privacy.dp_sgd.local_train_dp` runs, for a client taking part in
-    every round (the worst case when clients are sampled).
+    The schedule :func:`jaxfl.algorithms.local.local_train` runs with DP (its
+    :func:`~jaxfl.algorithms.local.dp_draws_per_round` counts every draw of a Per-FedAvg step),
+    for a client taking part in every round (the worst case when clients are sampled).
     """
     n = max(int(client_size), 1)
-    steps = epochs * math.ceil(n / batch_size) * rounds
-    return dp_sgd_event(noise_multiplier, min(1.0, batch_size / n), steps)
+    per_round = (
+        epochs * math.ceil(n / batch_size) if draws_per_round is None else draws_per_round(n)
+    )
+    return dp_sgd_event(noise_multiplier, min(1.0, batch_size / n), per_round * rounds)
 
 
 RoundsEvent = Callable[[float, int], dp_event.DpEvent]  # (noise multiplier, rounds) -> event
@@ -125,11 +134,12 @@ def record_level_epsilons_per_client(
     rounds: int,
     delta: float,
     accountant: str = "rdp",
+    draws_per_round: Callable[[int], int] | None = None,
 ) -> np.ndarray:
     """Each client's epsilon from its own data size (fewer examples → higher rate → larger ε).
 
     ``noise_multiplier`` is one value for all ``rounds``, or one per round (``rounds`` is then
-    its length).
+    its length); ``draws_per_round`` as in :func:`client_dp_sgd_event`.
     """
     zs = (
         [float(noise_multiplier)] * rounds
@@ -141,7 +151,7 @@ def record_level_epsilons_per_client(
     for n in np.unique(sizes):
 
         def rounds_event(z, r, n=int(n)):
-            return client_dp_sgd_event(z, n, batch_size, epochs, r)
+            return client_dp_sgd_event(z, n, batch_size, epochs, r, draws_per_round)
 
         cache[int(n)] = epsilon(compose_rounds(rounds_event, zs), delta, accountant)
     return np.array([cache[int(n)] for n in sizes])

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
+from jaxfl.algorithms.local import SGD, StepRule, dp_draws_per_round
+from jaxfl.algorithms.perfedavg import perfedavg_rule
 from jaxfl.errors import ConfigError, UserError
 from jaxfl.privacy import accounting, calibrate
 from jaxfl.privacy.dp_sgd import DPSGD
@@ -83,6 +85,13 @@ class PrivacyPlan(NamedTuple):
         return out
 
 
+def local_rule(algorithm: str) -> StepRule:
+    """The local-training rule of ``algorithm`` (what fixes the DP draws a round makes)."""
+    if algorithm.startswith("perfedavg_"):
+        return perfedavg_rule(0.0, algorithm.removeprefix("perfedavg_"))
+    return SGD
+
+
 def plan_privacy(
     config: ml_collections.ConfigDict,
     client_sizes: np.ndarray,
@@ -130,11 +139,13 @@ def plan_privacy(
         )
 
     if dp.mode == "record":
+        rule = local_rule(config.algorithm.name)
 
         def epsilons_for(zs):
             return accounting.record_level_epsilons_per_client(
-                zs, client_sizes, batch, epochs, len(zs), delta, accountant=acc
-            )
+                zs, client_sizes, batch, epochs, len(zs), delta, accountant=acc,
+                draws_per_round=lambda n: dp_draws_per_round(rule, n, batch, epochs),
+            )  # fmt: skip
 
         # Calibrate the max over clients: each client's epsilon depends on its own size.
         z = _noise(dp, epsilons_for, rounds, history)
