@@ -31,7 +31,9 @@ import argparse
 import importlib.util
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -40,6 +42,7 @@ from jaxfl import factories
 from jaxfl.privacy.plan import plan_privacy
 from jaxfl.simulate import INIT_STREAM, num_sampled_clients
 from jaxfl.sweep import apply_overrides
+from jaxfl.train import load_federated_data
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_config(path: str):
     """``get_config()`` of a config file given by path."""
+    # Shipped configs import ``configs.debug``: the repository root must be importable.
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
     spec = importlib.util.spec_from_file_location("bench_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -68,15 +75,14 @@ def seconds_per_round(config, repeats: int) -> tuple[float, object, dict]:
 
     Also returns the runner and the last round's metrics.
     """
-    dataset = factories.build_dataset(config)
-    fed = factories.build_federated_data(config, dataset)
+    fed = load_federated_data(config)
     model = factories.build_model(config, fed.num_classes)
     sampling = factories.clients_per_round(config)
     privacy = plan_privacy(
         config, np.asarray(fed.train.counts), num_sampled_clients(sampling, config.num_clients)
     )
     runner, _ = factories.build_runner(
-        config, factories.build_task(config), model, fed.train, privacy, sampling, None
+        config, factories.build_task(config, fed), model, fed.train, privacy, sampling, None
     )
     key = jax.random.fold_in(jax.random.key(config.seed), INIT_STREAM)
     state = runner.init(factories.init_params(model, fed.train.examples["image"][0], key))

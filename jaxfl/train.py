@@ -73,7 +73,7 @@ def _truncate_metrics(path: Path, rounds_done: int) -> list[dict[str, Any]]:
     return kept
 
 
-def _federated_data(config: ml_collections.ConfigDict) -> FederatedData:
+def load_federated_data(config: ml_collections.ConfigDict) -> FederatedData:
     """CT slices by site for segmentation, else the partitioned classification dataset."""
     if config.task.name == "segmentation":
         return factories.build_segmentation_data(config)
@@ -96,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # failed before its first checkpoint never blocks a corrected re-run.
     if any((workdir / "checkpoints").glob("[0-9]*")):
         check_same_config(workdir, config)
-    fed = _federated_data(config)
+    fed = load_federated_data(config)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
     task = factories.build_task(config, fed)

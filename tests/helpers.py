@@ -78,3 +78,15 @@ def max_abs_diff(a, b) -> float:
         float(np.abs(np.asarray(x) - np.asarray(y)).max())
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     )
+
+
+def clipped_sum_reference(loss, params, data: ClientData, selected, clip: float):
+    """Sum over ``selected`` examples of each one's own gradient clipped to norm ``clip``,
+    one example at a time: the DP-SGD reference, written as plainly as possible."""
+    ref = jax.tree.map(jnp.zeros_like, params)
+    for i in selected:
+        one = {k: v[i : i + 1] for k, v in data.examples.items()}
+        g = jax.grad(lambda p, one=one: loss(p, one, jnp.ones(1))[0])(params)
+        norm = np.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(g)))
+        ref = jax.tree.map(lambda r, x, n=norm: r + x * min(1.0, clip / n), ref, g)
+    return ref

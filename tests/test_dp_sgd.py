@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import client_data, make_client_arrays
+from helpers import client_data, clipped_sum_reference, make_client_arrays
 
 from jaxfl.algorithms import classification_loss, local_train
 from jaxfl.privacy.dp_sgd import (
@@ -51,12 +51,7 @@ def test_noiseless_step_equals_per_example_reference_loop(tiny_model, tiny_param
     order, count = poisson_order(jax.random.split(key)[0], data.mask, 0.5)
     selected = np.asarray(order)[: int(count)]
     assert 0 < len(selected) < int(data.count)
-    ref = jax.tree.map(jnp.zeros_like, tiny_params)
-    for i in selected:  # clip each example individually, sum, divide by the expected batch
-        one = {k: v[i : i + 1] for k, v in data.examples.items()}
-        g = jax.grad(lambda p, one=one: loss(p, one, jnp.ones(1))[0])(tiny_params)
-        norm = np.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(g)))
-        ref = jax.tree.map(lambda r, x, n=norm: r + x * min(1.0, CLIP / n), ref, g)
+    ref = clipped_sum_reference(loss, tiny_params, data, selected, CLIP)
     for a, b in zip(jax.tree.leaves(out.grad), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b) / 8.0, atol=1e-6, rtol=1e-5)
     assert int(out.num_selected) == len(selected)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_close, client_data, reference_round
+from helpers import assert_trees_close, client_data, clipped_sum_reference, reference_round
 
 from configs import seg_debug
 from jaxfl import factories
@@ -25,6 +25,7 @@ from jaxfl.models import UNet
 from jaxfl.privacy.dp_sgd import dp_sgd_gradient, poisson_order
 from jaxfl.seg_figure import plot_segmentation
 from jaxfl.simulate import Simulator
+from jaxfl.sweep import apply_overrides
 from jaxfl.tasks import make_loss
 from jaxfl.tasks.segmentation import IGNORE_LABEL, Segmentation
 from jaxfl.train import train_and_evaluate
@@ -72,13 +73,7 @@ def _small_config(**overrides):
     config.model.groups = 2
     config.local.epochs = 1
     config.checkpoint_every = 0
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return apply_overrides(config, overrides)
 
 
 # --------------------------------------------------------------------------- the Task
@@ -218,7 +213,13 @@ def test_segmentation_round_matches_the_reference_loop_under_every_strategy(tiny
         make_loss(TASK, TINY.apply), optax.sgd(0.1), optax.sgd(1.0), batch_size=4, epochs=1
     )
     ref = reference_round(algorithm, tiny_params, arrays, range(4), 2, 0)
-    for strategy, devices in [("vmap", 0), ("loop", 0), ("shard_map", 4)]:
+    for strategy, devices in [
+        ("vmap", 0),
+        ("chunked", 0),
+        ("scan", 0),
+        ("loop", 0),
+        ("shard_map", 4),
+    ]:
         backend = make_backend(strategy, chunk_size=3, devices=jax.devices()[:devices] or None)
         sim = Simulator(algorithm, arrays, seed=2, backend=backend, task=TASK)
         state, metrics = sim.run_round(algorithm.init(tiny_params), 0)
@@ -247,12 +248,7 @@ def test_dp_sgd_with_a_unet_equals_a_per_example_loop(tiny_params):
     order, count = poisson_order(jax.random.split(key)[0], data.mask, 0.5)
     selected = np.asarray(order)[: int(count)]
     assert 0 < len(selected) < 10
-    ref = jax.tree.map(jnp.zeros_like, tiny_params)
-    for i in selected:
-        one = {k: v[i : i + 1] for k, v in data.examples.items()}
-        g = jax.grad(lambda p, one=one: loss(p, one, jnp.ones(1))[0])(tiny_params)
-        norm = np.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(g)))
-        ref = jax.tree.map(lambda r, x, n=norm: r + x * min(1.0, clip / n), ref, g)
+    ref = clipped_sum_reference(loss, tiny_params, data, selected, clip)
     for a, b in zip(jax.tree.leaves(out.grad), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b) / 5.0, atol=1e-6, rtol=2e-5)
 

@@ -8,6 +8,7 @@ import pytest
 
 from configs import debug
 from jaxfl import factories
+from jaxfl.sweep import apply_overrides
 from jaxfl.train import train_and_evaluate
 
 REQUIRED = {"round", "train_loss", "test_accuracy", "test_auc", "test_loss", "wall_time_s"}
@@ -45,13 +46,7 @@ def _small(**overrides):
     config.data.n_test = 80
     config.local.epochs = 1
     config.checkpoint_every = 0
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return apply_overrides(config, overrides)
 
 
 @pytest.mark.parametrize("name", ["perfedavg_fo", "fedprox"])
