@@ -65,12 +65,20 @@ def _algorithm(model, name: str):
 # the slow suite every backend.
 NEW_BACKENDS = [("shard_map", 2)]
 OTHERS = ["fedprox", "perfedavg", "dp_record", "dp_local"]
+# shard_map for FedProx and local update DP: the slow suite (each is FedAvg's client update plus
+# a loss term / a host-side clip and noise that every backend shares).
+SLOW_ON_SHARD_MAP = ("fedprox", "dp_local")
 
 
 @pytest.mark.parametrize(
     "name, backends",
     [("fedavg", BACKENDS)]
-    + [(name, NEW_BACKENDS) for name in OTHERS]
+    + [
+        pytest.param(
+            name, NEW_BACKENDS, marks=[pytest.mark.slow] if name in SLOW_ON_SHARD_MAP else []
+        )
+        for name in OTHERS
+    ]
     + [pytest.param(name, BACKENDS, marks=pytest.mark.slow) for name in OTHERS],
 )
 def test_every_backend_matches_the_reference_loop(tiny_model, tiny_params, name, backends):

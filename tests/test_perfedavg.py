@@ -154,7 +154,7 @@ def _permuted_label_task(seed, k=6, n=48, n_heldout=24, classes=3, dim=8):
     return arrays(n), arrays(n_heldout)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in (1, 2))])
 def test_personalization_beats_the_global_model_when_clients_disagree(seed):
     train, heldout = _permuted_label_task(seed)
     model = TinyMLP(num_classes=3, hidden=16)

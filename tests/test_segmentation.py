@@ -12,7 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_close, client_data, clipped_sum_reference, reference_round
+from helpers import (
+    assert_trees_close,
+    client_data,
+    clipped_sum_reference,
+    numpy_init,
+    reference_round,
+)
 
 from configs import seg_debug
 from jaxfl import factories
@@ -56,7 +62,7 @@ def _seg_arrays(counts, n_slots, size=8, seed=0) -> ClientArrays:
 
 @pytest.fixture(scope="module")
 def tiny_params():
-    return TINY.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    return numpy_init(TINY, (1, 8, 8, 1))
 
 
 def _small_config(**overrides):
@@ -272,7 +278,10 @@ def test_seg_debug_config_learns(tmp_path):
     "overrides",
     [
         {"dp.mode": "record", "dp.noise_multiplier": 1.0, "dp.clip_norm": 1.0},
-        {"dp.mode": "local_update", "dp.noise_multiplier": 0.5, "dp.clip_norm": 1.0},
+        pytest.param(  # local update DP is task-agnostic: clips the update on the host
+            {"dp.mode": "local_update", "dp.noise_multiplier": 0.5, "dp.clip_norm": 1.0},
+            marks=pytest.mark.slow,
+        ),
         {"secure.aggregator": "secagg"},
         {"secure.aggregator": "ckks_ring"},
         pytest.param(  # Per-FedAvg + personalization also runs in the figure test

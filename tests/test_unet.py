@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import numpy_init
 
 from jaxfl.data.phantoms import phantom_slices
 from jaxfl.models import count_params
@@ -19,22 +20,7 @@ def _param_shapes(model, shape):
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32))["params"]
 
 
-def _init(model, shape, seed=0):
-    """Numpy stand-in for ``model.init``: LeCun-normal kernels, GroupNorm scale 1, biases 0.
-
-    Flax's real init compiles a truncated-normal draw per kernel shape, ~1.5 s each on a
-    2-core CPU (over 10 s for a tiny U-Net); this has the same shapes and scales, instantly.
-    """
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, sds):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(sds.shape[:-1]))
-            return (rng.standard_normal(sds.shape) / np.sqrt(fan_in)).astype(np.float32)
-        return np.full(sds.shape, 1.0 if name == "scale" else 0.0, np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, _param_shapes(model, shape))
+_init = numpy_init
 
 
 def _upconv_problem(c=3, f=5, h=4, w=6):
