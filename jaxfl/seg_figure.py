@@ -30,7 +30,7 @@ from jaxfl.plotting import load_metrics, series
 from jaxfl.privacy.plan import plan_privacy
 from jaxfl.simulate import INIT_STREAM, PERSONALIZE_STREAM, client_key, num_sampled_clients
 from jaxfl.tasks import make_loss
-from jaxfl.tasks.seg_ops import IGNORE_LABEL
+from jaxfl.tasks.seg_ops import IGNORE_LABEL, dice_from_counts, dice_stats
 
 
 def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -64,8 +64,8 @@ def _restore(config, workdir: Path, fed, task, model):
         checkpointer.close()
 
 
-def hospital_params(config, workdir: Path) -> tuple[Any, list[Any], list[str], int]:
-    """``(fed, [params of hospital k], [how they were obtained], rounds done)``."""
+def hospital_params(config, workdir: Path) -> tuple[Any, Any, list[Any], list[str], int]:
+    """``(fed, model, [params of hospital k], [how they were obtained], rounds done)``."""
     fed = factories.build_segmentation_data(config)
     task = factories.build_task(config, fed)
     model = factories.build_model(config, fed.num_classes)
@@ -73,10 +73,10 @@ def hospital_params(config, workdir: Path) -> tuple[Any, list[Any], list[str], i
     k = fed.train.num_clients
     if config.algorithm.name == "local":
         own = [jax.tree.map(lambda x, c=c: x[c], state.params) for c in range(k)]
-        return fed, own, ["own model"] * k, rounds
+        return fed, model, own, ["own model"] * k, rounds
     p = config.personalization
     if not p.enabled or p.adapt_steps == 0:
-        return fed, [state.params] * k, ["global model"] * k, rounds
+        return fed, model, [state.params] * k, ["global model"] * k, rounds
     loss = make_loss(task, model.apply)
     stream = jax.random.fold_in(jax.random.key(config.seed), PERSONALIZE_STREAM)
     adapted = [
@@ -91,7 +91,7 @@ def hospital_params(config, workdir: Path) -> tuple[Any, list[Any], list[str], i
         )
         for c in range(k)
     ]
-    return fed, adapted, [f"adapted ({p.adapt_steps} steps)"] * k, rounds
+    return fed, model, adapted, [f"adapted ({p.adapt_steps} steps)"] * k, rounds
 
 
 def _showcase_slice(heldout, c: int) -> int:
@@ -110,8 +110,7 @@ def plot_segmentation(workdir: str | Path, out: str | Path, title: str | None = 
     if config.task.name != "segmentation":
         raise UserError(f"{workdir} is a {config.task.name} run; this figure is for segmentation.")
     rows = load_metrics(workdir)
-    fed, params, how, rounds = hospital_params(config, workdir)
-    model = factories.build_model(config, fed.num_classes)
+    fed, model, params, how, rounds = hospital_params(config, workdir)
     k = fed.train.num_clients
     cols = min(k, 5)
     grid = math.ceil(k / cols)
@@ -132,9 +131,8 @@ def plot_segmentation(workdir: str | Path, out: str | Path, title: str | None = 
         logits = model.apply({"params": params[c]}, jnp.asarray(image)[None, ..., None])
         pred = np.asarray(jnp.argmax(logits[0], -1))
         labelled = truth != IGNORE_LABEL
-        inter = np.sum((pred > 0) & (truth > 0) & labelled)
-        denom = np.sum((pred > 0) & labelled) + np.sum(truth > 0)
-        dice = 2 * inter / denom if denom else 1.0
+        counts = dice_stats(jnp.asarray(pred)[None], jnp.asarray(truth)[None], fed.num_classes)
+        dice = float(dice_from_counts(*(np.sum(counts[k]) for k in ("inter", "pred", "true"))))
         ax.imshow(image, cmap="gray", vmin=-1, vmax=1)
         if (truth > 0).any():
             ax.contour(truth > 0, levels=[0.5], colors="lime", linewidths=1.2)
