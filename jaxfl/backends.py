@@ -24,7 +24,9 @@ A backend offers three things:
   stacked in the order of the valid ``ids``.
 
 ``ids`` and ``valid`` are host (numpy) arrays; their length must be the same every call for the
-compiled programs to be reused. Backends:
+compiled programs to be reused. Both callables also take ``costs=`` (host, one per slot, e.g.
+the client's number of local steps): backends that split slots between devices balance them by
+it; the others ignore it. Backends:
 
 - ``vmap``: every slot in one ``jax.vmap`` inside one ``jax.jit``;
 - ``chunked``: ``lax.scan`` over chunks of ``chunk_size`` slots, vmapped within a chunk;
@@ -34,12 +36,18 @@ compiled programs to be reused. Backends:
 - ``shard_map``: client data sharded along K over a 1-D device mesh (axis ``clients``); every
   device runs its own clients with an inner traced backend (``scan`` on CPU, ``chunked`` on
   accelerators) and one ``psum`` combines the sums. Sampled clients are re-packed so every
-  device gets ``ceil(n / devices)`` slots.
+  device gets ``ceil(n / devices)`` slots, and with ``costs`` so every device gets about the
+  same work (longest-first greedy).
+
+Any of them can be wrapped in :class:`StreamingBackend`, which keeps client data on the host
+and sends ``chunk`` clients at a time to the device (:func:`choose_placement` decides from a
+memory estimate), so data larger than device memory still runs.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -158,7 +166,8 @@ class TracedBackend:
         def run(shared, per_client, slots, batch):
             return traced(fn, shared, per_client, slots, batch)
 
-        def call(shared, per_client, ids, valid):
+        def call(shared, per_client, ids, valid, costs=None):
+            del costs  # one device: nothing to balance
             multiple, batch = self._batch_for(len(ids))
             slots = tuple(jnp.asarray(s) for s in _pad_slots(ids, valid, multiple))
             return run(shared, per_client, slots, batch)
@@ -171,7 +180,7 @@ class TracedBackend:
     def map(self, fn: ClientFn) -> MappedFn:
         run = self._runner(fn, traced_map)
 
-        def call(shared, per_client, ids, valid):
+        def call(shared, per_client, ids, valid, costs=None):
             out = run(shared, per_client, ids, valid)
             return _keep_valid(out, np.asarray(valid, bool))
 
@@ -197,7 +206,7 @@ class LoopBackend:
         step = jax.jit(step, donate_argnums=0)
         shapes = {}
 
-        def call(shared, per_client, ids, valid):
+        def call(shared, per_client, ids, valid, costs=None):
             if "out" not in shapes:  # eval_shape re-traces the client function: do it once
                 shapes["out"] = jax.eval_shape(
                     lambda s, p: _one(fn, s, p, (jnp.int32(0),) * 2 + (jnp.bool_(True),)),
@@ -218,7 +227,7 @@ class LoopBackend:
             )
         )
 
-        def call(shared, per_client, ids, valid):
+        def call(shared, per_client, ids, valid, costs=None):
             outs = [
                 one(shared, per_client, jnp.int32(c))
                 for c in np.asarray(ids)[np.asarray(valid, bool)]
@@ -229,6 +238,35 @@ class LoopBackend:
             return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
         return call
+
+
+# A full-participation round stays in place (no gather) unless re-packing cuts the busiest
+# device's work by more than this factor.
+BALANCE_TOLERANCE = 1.1
+
+
+def balanced_positions(costs: np.ndarray, devices: int, per_device: int) -> np.ndarray:
+    """Where each slot goes in ``[devices * per_device]`` so devices get about equal work.
+
+    Longest first, each to the least-loaded device with a free slot (LPT greedy: within 4/3
+    of the best split). Ties keep slot order, so equal costs fill devices in order.
+    """
+    loads = np.zeros(devices)
+    fill = np.zeros(devices, np.int64)
+    positions = np.zeros(len(costs), np.int64)
+    for i in np.argsort(-np.asarray(costs, np.float64), kind="stable"):
+        free = np.flatnonzero(fill < per_device)
+        dev = free[np.argmin(loads[free])]
+        positions[i] = dev * per_device + fill[dev]
+        fill[dev] += 1
+        loads[dev] += costs[i]
+    return positions
+
+
+def balanced_max_load(costs: np.ndarray, devices: int, per_device: int) -> float:
+    """The busiest device's work under :func:`balanced_positions`."""
+    owner = balanced_positions(costs, devices, per_device) // per_device
+    return float(np.bincount(owner, weights=costs, minlength=devices).max())
 
 
 class ShardMapBackend:
@@ -246,6 +284,9 @@ class ShardMapBackend:
     def __init__(self, devices: Sequence[jax.Device], inner: TracedBackend):
         self.devices = list(devices)
         self.inner = inner
+        # Slot capacity factor for cost balancing: sequential devices take twice the even
+        # share (empty slots cost nothing there); vmapped ones would compute the extra slots.
+        self._spare = 2 if inner._sequential else 1
         self.description = (
             f"shard_map over {len(self.devices)} {self.devices[0].platform} devices, "
             f"{inner.description} within each"
@@ -277,12 +318,13 @@ class ShardMapBackend:
         return jax.tree.map(put, per_client)
 
     def _slots_per_device(self, n: int) -> int:
-        """``t``: slots per device for ``n`` slots, a multiple of the inner batch."""
+        """``t``: slots per device for ``n`` slots (``ceil(n / d)``), a multiple of the inner
+        batch."""
         per = max(-(-n // self.num_devices), 1)
         multiple, _ = self.inner._batch_for(per)
         return -(-per // multiple) * multiple
 
-    def _layout(self, per_client, ids: np.ndarray, valid: np.ndarray):
+    def _layout(self, per_client, ids: np.ndarray, valid: np.ndarray, costs=None):
         """``(per_client, slots, positions, t)``: every device's ``t`` slots, ``[d * t]`` in all.
 
         ``slots = (rows, cids, valid)``; ``rows`` index the device's own block (in place) or the
@@ -292,23 +334,40 @@ class ShardMapBackend:
         d, n = self.num_devices, len(ids)
         block = jax.tree.leaves(per_client)[0].shape[0] // d
         t = self._slots_per_device(n)
+        # In place when the slots are every client (full participation, Poisson slots: ids
+        # 0..n-1 filling the last block), so a run compiles one program, unless costs say a
+        # re-pack balances the devices better; a sampled subset is always re-packed.
+        in_place = np.array_equal(ids, np.arange(n)) and -(-n // d) == block
+        work = None
+        if costs is not None and d > 1:
+            work = np.where(valid, np.asarray(costs, np.float64), 0.0)
+            # A device running its clients one by one can take extra (empty) slots for free,
+            # so balancing may give it more clients than the others.
+            t_balanced = self._slots_per_device(n * self._spare)
+            best = balanced_max_load(work, d, t_balanced)
+            now = (
+                np.bincount(ids // block, weights=work, minlength=d).max()
+                if in_place
+                else balanced_max_load(work, d, t)
+            )
+            if now > BALANCE_TOLERANCE * best:
+                in_place, t = False, t_balanced
+            else:
+                work = None if in_place else work
         rows = np.zeros((d, t), np.int32)
         cids = np.zeros((d, t), np.int32)
         ok = np.zeros((d, t), bool)
-        # In place when the slots are every client (full participation, Poisson slots: ids
-        # 0..n-1 filling the last block), so a run compiles one program; a sampled subset is
-        # re-packed even when it happens to be balanced.
-        if np.array_equal(ids, np.arange(n)) and -(-n // d) == block:
+        if in_place:
             owner, row = ids // block, ids % block  # client c is row c % block of its device
             rows[owner, row], cids[owner, row], ok[owner, row] = row, ids, valid
             positions = owner * t + row
         else:  # re-pack: gather the selected rows, t per device
+            positions = np.arange(n) if work is None else balanced_positions(work, d, t)
             flat = np.zeros(d * t, np.int32)
-            flat[:n] = ids
+            flat[positions] = ids
             per_client = self._gather(per_client, jnp.asarray(flat))
             rows[:] = np.arange(t, dtype=np.int32)
-            cids.reshape(-1)[:n], ok.reshape(-1)[:n] = ids, valid
-            positions = np.arange(n)
+            cids.reshape(-1)[positions], ok.reshape(-1)[positions] = ids, valid
         slots = tuple(jax.device_put(x.reshape(-1), self._sharded) for x in (rows, cids, ok))
         return per_client, slots, positions, t
 
@@ -335,9 +394,9 @@ class ShardMapBackend:
         """``(shared, per_client, ids, valid) -> (out, positions of the valid slots, t)``."""
         compiled = {}
 
-        def run(shared, per_client, ids, valid):
+        def run(shared, per_client, ids, valid, costs=None):
             ids, valid = np.asarray(ids, np.int32), np.asarray(valid, bool)
-            per_client, slots, positions, t = self._layout(per_client, ids, valid)
+            per_client, slots, positions, t = self._layout(per_client, ids, valid, costs)
             batch = self.inner._batch_for(t)[1]
             if batch not in compiled:
                 compiled[batch] = self._shard_fn(fn, traced, batch, out_spec)
@@ -348,23 +407,153 @@ class ShardMapBackend:
     def sum(self, fn: ClientFn) -> MappedFn:
         run = self._runner(fn, traced_sum, P())
 
-        def call(shared, per_client, ids, valid):
+        def call(shared, per_client, ids, valid, costs=None):
             # The sum is replicated on the mesh; hand it on from the first device, so what
             # follows (the server update) runs there with the state, as on the other backends.
-            return jax.device_put(run(shared, per_client, ids, valid)[0], self.devices[0])
+            out = run(shared, per_client, ids, valid, costs)[0]
+            return jax.device_put(out, self.devices[0])
 
         return call
 
     def map(self, fn: ClientFn) -> MappedFn:
         run = self._runner(fn, traced_map, P(AXIS))
 
-        def call(shared, per_client, ids, valid):
-            out, keep, t = run(shared, per_client, ids, valid)
+        def call(shared, per_client, ids, valid, costs=None):
+            out, keep, t = run(shared, per_client, ids, valid, costs)
             if len(keep) == t * self.num_devices and np.array_equal(keep, np.arange(len(keep))):
                 return out
             return jax.tree.map(lambda x: x[jnp.asarray(keep)], out)
 
         return call
+
+
+def _take(leaf, rows: np.ndarray):
+    """Rows of one per-client leaf: a host gather for numpy (memory maps read only these rows),
+    a device gather for arrays already on a device (per-client parameters)."""
+    if isinstance(leaf, jax.Array):
+        return leaf[jnp.asarray(rows)]
+    return np.take(leaf, rows, axis=0)
+
+
+class StreamingBackend:
+    """Client data stays on the host; each call sends ``chunk`` clients at a time to ``inner``.
+
+    ``place`` leaves numpy arrays (and memory maps) where they are. ``sum`` / ``map`` walk the
+    valid ids ``chunk`` at a time: gather those clients' rows on the host, ``inner.place``
+    them, and run ``inner`` on the chunk, passing the real client ids through ``shared`` so
+    keys, and hence results, are those of device-resident data (sums are added chunk by
+    chunk: equal up to float summation order). Device memory holds one chunk; JAX's
+    asynchronous dispatch overlaps the host gather of the next chunk with the current one.
+    """
+
+    def __init__(self, inner: ClientBackend, chunk: int):
+        if chunk < 1:
+            raise ValueError(f"StreamingBackend chunk must be >= 1, got {chunk}")
+        self.inner = inner
+        self.chunk = int(chunk)
+        self.name = inner.name
+        self.description = f"{inner.description}, streaming {chunk} clients at a time from host"
+
+    def place(self, per_client: PyTree) -> PyTree:
+        return jax.tree.map(lambda a: a if isinstance(a, jax.Array) else np.asarray(a), per_client)
+
+    @staticmethod
+    def _wrap(fn: ClientFn) -> ClientFn:
+        def on_chunk(shared, client, local, valid):
+            inner_shared, cids = shared
+            return fn(inner_shared, client, cids[local], valid)
+
+        return on_chunk
+
+    def _chunks(self, per_client, ids: np.ndarray, valid: np.ndarray, costs=None):
+        """``(chunk data, ids [chunk], local slots, valid, costs)`` per chunk of valid ids."""
+        keep = np.asarray(valid, bool)
+        chosen = np.asarray(ids, np.int32)[keep]
+        chosen_costs = None if costs is None else np.asarray(costs)[keep]
+        local = np.arange(self.chunk, dtype=np.int32)
+        for start in range(0, len(chosen), self.chunk):
+            part = chosen[start : start + self.chunk]
+            rows = np.zeros(self.chunk, np.int32)
+            rows[: len(part)] = part
+            ok = local < len(part)
+            cost = None
+            if chosen_costs is not None:
+                cost = np.zeros(self.chunk)
+                cost[: len(part)] = chosen_costs[start : start + self.chunk]
+            data = self.inner.place(jax.tree.map(lambda a, r=rows: _take(a, r), per_client))
+            yield data, jnp.asarray(rows), local, ok, cost
+
+    def sum(self, fn: ClientFn) -> MappedFn:
+        run = self.inner.sum(self._wrap(fn))
+        shapes = {}
+
+        def call(shared, per_client, ids, valid, costs=None):
+            acc = None
+            for data, cids, local, ok, cost in self._chunks(per_client, ids, valid, costs):
+                part = run((shared, cids), data, local, ok, costs=cost)
+                acc = part if acc is None else tree_add(acc, part)
+            if acc is None:  # no valid client: zeros of the output's shape
+                if "out" not in shapes:
+                    one = jax.tree.map(lambda a: _take(a, np.zeros(1, np.int32))[0], per_client)
+                    shapes["out"] = jax.eval_shape(fn, shared, one, jnp.int32(0), jnp.bool_(True))
+                acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["out"])
+            return acc
+
+        return call
+
+    def map(self, fn: ClientFn) -> MappedFn:
+        run = self.inner.map(self._wrap(fn))
+
+        def call(shared, per_client, ids, valid, costs=None):
+            outs = [
+                run((shared, cids), data, local, ok, costs=cost)
+                for data, cids, local, ok, cost in self._chunks(per_client, ids, valid, costs)
+            ]
+            if not outs:
+                one = jax.tree.map(lambda a: _take(a, np.zeros(1, np.int32))[0], per_client)
+                shape = jax.eval_shape(fn, shared, one, jnp.int32(0), jnp.bool_(True))
+                return jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), shape)
+            return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+
+        return call
+
+
+def tree_nbytes(tree: PyTree) -> int:
+    """Bytes of every array leaf of ``tree``."""
+    leaves = jax.tree.leaves(tree)
+    return sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in leaves)
+
+
+def device_memory_bytes(device: jax.Device) -> int | None:
+    """What ``device`` can hold: its allocator limit (accelerators), the host's physical memory
+    for CPU devices, or None when unknown."""
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    stats = device.memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+# Data may fill this fraction of device memory and stay resident; the rest is for parameters,
+# optimizer state and activations.
+RESIDENT_FRACTION = 0.5
+PLACEMENTS = ("auto", "device", "stream")
+
+
+def choose_placement(placement: str, data_bytes: int, devices: Sequence[jax.Device]) -> str:
+    """``"device"`` or ``"stream"``: ``auto`` streams when the client data would take more than
+    :data:`RESIDENT_FRACTION` of the devices' memory (their sum under ``shard_map``)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r}; choose one of {PLACEMENTS}")
+    if placement != "auto":
+        return placement
+    sizes = [device_memory_bytes(d) for d in devices]
+    if any(s is None for s in sizes):
+        return "device"
+    capacity = sizes[0] if devices[0].platform == "cpu" else sum(sizes)
+    return "stream" if data_bytes > RESIDENT_FRACTION * capacity else "device"
 
 
 def default_strategy(platform: str, device_count: int) -> str:

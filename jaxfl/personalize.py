@@ -182,6 +182,7 @@ class LocalOnly:
             jnp.int32(round_idx),
             (self.backend.place(state.params), self._train_c),
             *_all(self.num_clients),
+            costs=np.asarray(self.train.counts, np.float64),
         )
         sums = {k: jnp.sum(v) for k, v in per_client.items()}
         state = ServerState(params, (), state.round + 1)

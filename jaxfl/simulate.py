@@ -168,6 +168,8 @@ class Simulator:
         self.backend = backend or make_backend(strategy, chunk_size=chunk_size, devices=devices)
         self.strategy = self.backend.name
         self._train_c = self.backend.place(client_rows(train))
+        # A client's work grows with its examples: backends spread devices' loads by it.
+        self._costs = np.asarray(train.counts, np.float64)
         # The placed arrays when they are the clients' (no padding rows), so the data is on the
         # device once; personalized evaluation maps over ``self.train`` through the backend too.
         placed = ClientArrays(*self._train_c)
@@ -228,14 +230,15 @@ class Simulator:
         shared = (self.algorithm.broadcast(state), client_stream, r)
         if self.host_aggregator is not None:
             return self._run_round_host(state, shared, slots, selected, round_idx)
-        agg = self._sum(shared, self._train_c, slots, selected)
+        agg = self._sum(shared, self._train_c, slots, selected, costs=self._costs[slots])
         state, sums = self._finish(server_stream, state, agg, r)
         return state, round_metrics(self.task, sums, len(ids))
 
     def _run_round_host(self, state, shared, slots, selected, round_idx):
         """A round whose aggregation runs on the host (secure aggregation)."""
         flat, weights = (
-            np.asarray(x) for x in self._outputs(shared, self._train_c, slots, selected)
+            np.asarray(x)
+            for x in self._outputs(shared, self._train_c, slots, selected, costs=self._costs[slots])
         )
         unravel, size = self._unravel(shared)
         # Only the protocol's output leaves the clients: per-client training sums (loss,

@@ -6,6 +6,7 @@ meshes (threads of one process, as on a multi-core CPU).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -20,7 +21,14 @@ from helpers import assert_trees_close, make_client_arrays, max_abs_diff, refere
 
 from jaxfl.algorithms import classification_loss, fedavg, fedprox
 from jaxfl.algorithms.perfedavg import perfedavg
-from jaxfl.backends import default_strategy, make_backend, resolve_strategy
+from jaxfl.backends import (
+    StreamingBackend,
+    balanced_positions,
+    choose_placement,
+    default_strategy,
+    make_backend,
+    resolve_strategy,
+)
 from jaxfl.personalize import LocalOnly, make_personalized_eval
 from jaxfl.privacy.dp_sgd import DPSGD
 from jaxfl.privacy.update_dp import UpdateDP
@@ -40,8 +48,11 @@ BACKENDS = [
 ]
 
 
-def _backend(strategy: str, devices: int):
-    return make_backend(strategy, chunk_size=3, devices=jax.devices()[:devices] or None)
+def _backend(strategy: str, devices: int, stream: int = 0):
+    """``strategy`` on ``devices`` (0: the default); ``stream > 0`` streams that many clients
+    at a time from the host."""
+    backend = make_backend(strategy, chunk_size=3, devices=jax.devices()[:devices] or None)
+    return StreamingBackend(backend, stream) if stream else backend
 
 
 def _algorithm(model, name: str):
@@ -87,8 +98,12 @@ def test_every_backend_matches_the_reference_loop(tiny_model, tiny_params, name,
     nonempty = [c for c, n in enumerate(COUNTS) if n]
     ref = reference_round(algorithm, tiny_params, arrays, nonempty, 3, 0).params
     assert max_abs_diff(ref, tiny_params) > 1e-4  # the round moved the model
-    for strategy, devices in backends:
-        sim = Simulator(algorithm, arrays, seed=3, backend=_backend(strategy, devices))
+    # FedAvg also with the data streamed from the host, 4 clients at a time (3 chunks, the
+    # last one padded), on every backend.
+    streams = (0, 4) if name == "fedavg" else (0,)
+    for (strategy, devices), stream in itertools.product(backends, streams):
+        backend = _backend(strategy, devices, stream)
+        sim = Simulator(algorithm, arrays, seed=3, backend=backend)
         state, metrics = sim.run_round(sim.init(tiny_params), 0)
         assert_trees_close(state.params, ref)
         assert metrics["clients"] == len(COUNTS)
@@ -131,8 +146,9 @@ def test_personalized_eval_and_local_only_agree_on_every_backend(tiny_model, tin
     train = make_client_arrays(COUNTS, n_slots=13)
     heldout = make_client_arrays([4, 3, 2, 5, 1, 6, 2, 3, 4, 5], n_slots=6, seed=1)
     accs, local = [], []
-    for strategy, devices in [("vmap", 0), ("loop", 0), ("scan", 0), ("shard_map", 8)]:
-        backend = _backend(strategy, devices)
+    runs = [("vmap", 0, 0), ("loop", 0, 0), ("scan", 0, 0), ("shard_map", 8, 0), ("loop", 0, 4)]
+    for strategy, devices, stream in runs:
+        backend = _backend(strategy, devices, stream)
         evaluate = make_personalized_eval(
             loss, tiny_model.apply, adapt_steps=3, adapt_lr=0.3, batch_size=4, seed=0,
             backend=backend,
@@ -180,10 +196,13 @@ def _client_fn(shared, client, cid, valid):
     return {"value": jnp.where(valid, client * shared, 0.0), "cid": jnp.where(valid, cid, 0)}
 
 
+@pytest.mark.parametrize("stream", [0, 4])
 @pytest.mark.parametrize("strategy, devices", BACKENDS)
-def test_backend_contract_sum_and_map_in_the_order_of_the_ids(strategy, devices):
-    backend = _backend(strategy, devices)
-    per_client = backend.place(jnp.arange(11, dtype=jnp.float32) * 10)
+def test_backend_contract_sum_and_map_in_the_order_of_the_ids(strategy, devices, stream):
+    backend = _backend(strategy, devices, stream)
+    per_client = backend.place(np.arange(11, dtype=np.float32) * 10)
+    if stream:
+        assert isinstance(per_client, np.ndarray)  # stays on the host
     ids = np.asarray([7, 2, 9, 0, 3, 10], np.int32)  # unsorted, uneven over devices
     valid = np.asarray([True, True, False, True, True, True])
     total = backend.sum(_client_fn)(jnp.float32(2), per_client, ids, valid)
@@ -192,6 +211,38 @@ def test_backend_contract_sum_and_map_in_the_order_of_the_ids(strategy, devices)
     out = backend.map(_client_fn)(jnp.float32(2), per_client, ids, valid)
     np.testing.assert_array_equal(np.asarray(out["cid"]), ids[valid])
     np.testing.assert_allclose(np.asarray(out["value"]), 20.0 * ids[valid])
+
+
+def test_streaming_with_no_valid_client_sums_to_zeros_and_maps_to_nothing():
+    backend = _backend("loop", 0, stream=4)
+    ids, valid = np.arange(3, dtype=np.int32), np.zeros(3, bool)
+    per_client = np.arange(11, dtype=np.float32)
+    total = backend.sum(_client_fn)(jnp.float32(2), per_client, ids, valid)
+    assert float(total["value"]) == 0.0 and int(total["cid"]) == 0
+    out = backend.map(_client_fn)(jnp.float32(2), per_client, ids, valid)
+    assert out["value"].shape == (0,)
+
+
+def test_balanced_positions_even_out_the_devices_work():
+    # The 3D debug run's 8 clients (local steps): in place, device 0 does 44 steps, device 1 26.
+    steps = np.array([4, 32, 4, 4, 6, 6, 10, 4], float)
+    even = np.bincount(balanced_positions(steps, devices=2, per_device=4) // 4, weights=steps)
+    assert even.max() == 44  # 4 clients each: the 32-step client's device still takes 3 more
+    positions = balanced_positions(steps, devices=2, per_device=8)  # up to 8 each (scan)
+    assert len(set(positions)) == 8 and positions.max() < 16
+    loads = np.bincount(positions // 8, weights=steps)
+    assert loads.max() == 36 and loads.sum() == steps.sum()
+    np.testing.assert_array_equal(balanced_positions(np.ones(4), 2, 2), [0, 2, 1, 3])
+
+
+def test_placement_streams_when_the_data_would_not_fit():
+    cpu = jax.devices()[:1]
+    assert choose_placement("auto", 1 << 20, cpu) == "device"
+    assert choose_placement("auto", 1 << 60, cpu) == "stream"  # an exabyte
+    assert choose_placement("device", 1 << 60, cpu) == "device"
+    assert choose_placement("stream", 1, cpu) == "stream"
+    with pytest.raises(ValueError, match="choose one of"):
+        choose_placement("disk", 1, cpu)
 
 
 def test_strategy_names_and_auto():
