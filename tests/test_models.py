@@ -138,10 +138,10 @@ def test_small_cnn_output_shapes(shape):
 
 
 def test_registry_and_unknown_name():
-    assert set(MODELS) == {"cnn", "dpresnet", "unet"}
+    assert set(MODELS) == {"cnn", "densenet", "dpresnet", "unet"}
     assert isinstance(get_model("dpresnet", 8), DPResNet)
     assert get_model("cnn", 3, hidden=16).hidden == 16
-    with pytest.raises(ValueError, match="cnn, dpresnet"):
+    with pytest.raises(ValueError, match="cnn, densenet, dpresnet"):
         get_model("vgg", 10)
 
 

@@ -10,12 +10,27 @@ import jax
 import numpy as np
 
 from jaxfl.models.cnn import SmallCNN
+from jaxfl.models.densenet import DenseNet, densenet121
 from jaxfl.models.resnet import DPResNet
 from jaxfl.models.unet import UNet
 
-MODELS: dict[str, type[nn.Module]] = {"cnn": SmallCNN, "dpresnet": DPResNet, "unet": UNet}
+MODELS: dict[str, type[nn.Module]] = {
+    "cnn": SmallCNN,
+    "dpresnet": DPResNet,
+    "densenet": DenseNet,
+    "unet": UNet,
+}
 
-__all__ = ["MODELS", "DPResNet", "SmallCNN", "UNet", "count_params", "get_model"]
+__all__ = [
+    "MODELS",
+    "DPResNet",
+    "DenseNet",
+    "SmallCNN",
+    "UNet",
+    "count_params",
+    "densenet121",
+    "get_model",
+]
 
 
 def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
