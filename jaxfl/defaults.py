@@ -14,13 +14,23 @@ import ml_collections
 # Fields a config may add although the defaults leave them out (they change nothing unset):
 # partition.seed pins the split independently of `seed`; heterogeneity.clients lists per-client
 # shift dicts.
-# model.base_features/depth/groups are the U-Net's widths (jaxfl.models.UNet).
+# model.base_features/depth/groups are the U-Net's widths (jaxfl.models.UNet); growth_rate,
+# block_config, init_features, bn_size, compression, hidden, norm and stem_kernel the DenseNet's
+# (jaxfl.models.DenseNet; DenseNet-121: growth_rate 32, block_config (6, 12, 24, 16)).
 OPTIONAL_FIELDS = (
     "partition.seed",
     "heterogeneity.clients",
     "model.base_features",
     "model.depth",
     "model.groups",
+    "model.growth_rate",
+    "model.block_config",
+    "model.init_features",
+    "model.bn_size",
+    "model.compression",
+    "model.hidden",
+    "model.norm",
+    "model.stem_kernel",
 )
 
 
@@ -40,7 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.data = ml_collections.ConfigDict(
         dict(
-            # classification: "synthetic" or "medmnist"; segmentation (config.data.ct):
+            # classification: "synthetic", "medmnist", or CT volumes (config.data.volume):
+            # "radchest" (RAD-ChestCT in data_dir) or "volume_csv"; segmentation (config.data.ct):
             # "ct_phantoms", "covid19_ct_seg", "msd", "ct_manifest" or "totalseg_example"
             source="synthetic",
             name="synthetic",
@@ -81,6 +92,22 @@ def default_config() -> ml_collections.ConfigDict:
             cache_dir="",  # preprocessed slices cached here as .npz; "" = no cache
             test_fraction=0.2,  # patients per site in the global test split
             pad_multiple=16,  # pad H, W to this multiple (2**depth of the U-Net); ignored pixels
+        )
+    )
+    # CT volumes for 3D classification (jaxfl/data/volumes.py): resampled to `shape` with HU
+    # clipped to `hu_window`, then onto [-1, 1].
+    config.data.volume = ml_collections.ConfigDict(
+        dict(
+            shape=(70, 70, 70),
+            hu_window=(-1000.0, 200.0),
+            intensity="auto",  # "auto" (detect HU vs 0-255), "hu" or "grey"
+            abnormality="",  # radchest: "" = any abnormality, else one finding ("nodule")
+            csv="",  # volume_csv: CSV with columns image, label[, site, split]
+            # "data": one client per site (RAD-ChestCT: its 3 label tables, PPPML-HMI's split);
+            # "partition": pool the volumes and split them with config.partition
+            sites="data",
+            test_fraction=0.2,  # of each site's volumes into the global test split
+            cache_dir="",  # preprocessed volumes cached (memory-mapped .npy) here; "" = none
         )
     )
     # True: every privacy-relevant draw (DP noise, Poisson samples of examples and clients,
@@ -179,6 +206,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.client_sampling = "fixed"
     config.strategy = "auto"  # auto | vmap | chunked | scan | loop | shard_map (jaxfl.backends)
     config.chunk_size = 64
+    # Where client data lives: "device" (all of it, once), "stream" (on the host; chunk_size
+    # clients at a time go to the device) or "auto" (stream when it would fill more than half
+    # of the device's memory; jaxfl.backends.choose_placement).
+    config.placement = "auto"
     config.eval_every = 1
     config.eval_batch_size = 256
     config.checkpoint_every = 5  # rounds; the last round is always saved

@@ -12,7 +12,13 @@ import optax
 
 from jaxfl.algorithms import FederatedAlgorithm, fedavg, fedprox
 from jaxfl.algorithms.perfedavg import perfedavg
-from jaxfl.backends import ClientBackend, make_backend
+from jaxfl.backends import (
+    ClientBackend,
+    StreamingBackend,
+    choose_placement,
+    make_backend,
+    tree_nbytes,
+)
 from jaxfl.data import (
     HELDOUT_STREAM,
     TRAIN_STREAM,
@@ -45,6 +51,13 @@ from jaxfl.data.segmentation import (
     pad_to_multiple,
     patient_splits,
 )
+from jaxfl.data.volumes import (
+    VolumePreprocess,
+    discover_radchest,
+    load_volumes,
+    read_volume_csv,
+    volume_dataset,
+)
 from jaxfl.errors import ConfigError
 from jaxfl.models import get_model
 from jaxfl.personalize import LocalOnly, PersonalizedEval, make_personalized_eval
@@ -59,7 +72,8 @@ from jaxfl.types import ClientArrays, Dataset, FederatedData
 # "local" is the local-only baseline (no communication), run by LocalOnly, not a Simulator.
 ALGORITHMS = ("fedavg", "fedprox", "perfedavg_fo", "perfedavg_hf", "perfedavg_pppml", "local")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-DATA_SOURCES = ("synthetic", "medmnist")
+DATA_SOURCES = ("synthetic", "medmnist", "radchest", "volume_csv")
+VOLUME_SOURCES = ("radchest", "volume_csv")
 # Which config.partition fields each partitioner takes.
 PARTITION_ARGS = {
     "iid": (),
@@ -116,6 +130,8 @@ def build_dataset(config: ml_collections.ConfigDict) -> Dataset:
     (logged in every metrics line) then says so.
     """
     data = config.data
+    if data.source in VOLUME_SOURCES:
+        return load_volume_dataset(config)[0]
     if data.source == "medmnist":
         path = medmnist_path(data.name, data.data_dir or None, data.size)
         if path.exists() or data.get("fallback", "") != "synthetic":
@@ -142,6 +158,65 @@ def build_dataset(config: ml_collections.ConfigDict) -> Dataset:
         noise=data.noise,
         name=name,
     )
+
+
+def load_volume_dataset(
+    config: ml_collections.ConfigDict,
+) -> tuple[Dataset, np.ndarray, tuple[str, ...]]:
+    """CT volumes of ``config.data`` (radchest / volume_csv) as a Dataset, each training
+    volume's site index and the site names."""
+    d, v = config.data, config.data.volume
+    if d.source == "radchest":
+        cases = discover_radchest(resolve_data_dir(d.data_dir or None), v.abnormality)
+    elif not v.csv:
+        raise ConfigError(
+            "config.data.source='volume_csv' needs config.data.volume.csv: a CSV with columns "
+            "image (NIfTI / .npy / .npz path), label (int), optional site and split."
+        )
+    else:
+        cases = read_volume_csv(v.csv)
+    pre = VolumePreprocess(
+        shape=tuple(int(s) for s in v.shape),
+        hu_window=tuple(float(h) for h in v.hu_window),
+        intensity=v.intensity,
+    )
+    volumes = load_volumes(cases, pre, v.cache_dir or None)
+    dataset, site = volume_dataset(
+        volumes, v.test_fraction, config.seed, config.task.num_classes, d.name
+    )
+    logging.info(
+        "CT volumes %s: %d sites %s, %d train / %d test volumes of %s",
+        d.name,
+        len(volumes.sites),
+        list(volumes.sites),
+        len(dataset.train.labels),
+        len(dataset.test.labels),
+        "x".join(str(s) for s in pre.shape),
+    )
+    return dataset, site, volumes.sites
+
+
+def build_volume_data(config: ml_collections.ConfigDict) -> FederatedData:
+    """CT volumes as clients: one per site (``data.volume.sites="data"``), or the pooled
+    training volumes split by ``config.partition`` (``"partition"``)."""
+    dataset, site, sites = load_volume_dataset(config)
+    mode = config.data.volume.sites
+    if mode == "partition":
+        return build_federated_data(config, dataset)
+    if mode != "data":
+        raise ConfigError(f"config.data.volume.sites={mode!r}; choose 'data' or 'partition'.")
+    if config.num_clients != len(sites):
+        raise ConfigError(
+            f"config.num_clients={config.num_clients} but the volumes come from {len(sites)} "
+            f"sites {list(sites)} (one client per site); set num_clients to {len(sites)}, or "
+            "config.data.volume.sites='partition' to split the pooled volumes with "
+            "config.partition."
+        )
+    indices = [np.flatnonzero(site == s) for s in range(len(sites))]
+    fed = build_federated(
+        dataset, indices, heldout_fraction=config.partition.heldout_fraction, seed=config.seed
+    )
+    return _shifted(config, fed, is_3d=True)
 
 
 def build_federated_data(config: ml_collections.ConfigDict, dataset: Dataset) -> FederatedData:
@@ -368,9 +443,20 @@ def build_algorithm(
     raise ValueError(f"config.algorithm.name={name!r}; choose one of {ALGORITHMS}.")
 
 
-def build_backend(config: ml_collections.ConfigDict) -> ClientBackend:
-    """The execution backend of ``config.strategy`` (and ``config.chunk_size``)."""
-    return make_backend(config.strategy, chunk_size=config.chunk_size)
+def build_backend(config: ml_collections.ConfigDict, train: ClientArrays) -> ClientBackend:
+    """The execution backend of ``config.strategy`` (and ``config.chunk_size``), streaming
+    ``train`` from the host when ``config.placement`` says so (``auto``: by its size)."""
+    backend = make_backend(config.strategy, chunk_size=config.chunk_size)
+    data_bytes = tree_nbytes(train)
+    placement = choose_placement(config.get("placement", "auto"), data_bytes, jax.devices())
+    if placement == "device":
+        return backend
+    logging.info(
+        "Client data (%.2f GiB) stays on the host; %d clients at a time go to the device",
+        data_bytes / 2**30,
+        config.chunk_size,
+    )
+    return StreamingBackend(backend, config.chunk_size)
 
 
 def build_host_aggregator(
@@ -422,7 +508,7 @@ def build_runner(
             batch_size=config.local.batch_size,
             epochs=config.local.epochs,
             seed=config.seed,
-            backend=build_backend(config),
+            backend=build_backend(config, train),
             task=task,
         )
         return runner, None
@@ -431,7 +517,7 @@ def build_runner(
         algorithm,
         train,
         seed=config.seed,
-        backend=build_backend(config),
+        backend=build_backend(config, train),
         clients_per_round=sampling,
         poisson_rate=rate,
         host_aggregator=build_host_aggregator(config, np.asarray(train.counts)),

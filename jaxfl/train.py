@@ -74,9 +74,11 @@ def _truncate_metrics(path: Path, rounds_done: int) -> list[dict[str, Any]]:
 
 
 def load_federated_data(config: ml_collections.ConfigDict) -> FederatedData:
-    """CT slices by site for segmentation, else the partitioned classification dataset."""
+    """CT slices by site for segmentation, CT volumes by site, else the partitioned dataset."""
     if config.task.name == "segmentation":
         return factories.build_segmentation_data(config)
+    if config.data.source in factories.VOLUME_SOURCES:
+        return factories.build_volume_data(config)
     dataset = factories.build_dataset(config)
     validate_dataset(config, dataset)
     return factories.build_federated_data(config, dataset)

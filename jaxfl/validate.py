@@ -13,7 +13,7 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
-from jaxfl.backends import STRATEGIES
+from jaxfl.backends import PLACEMENTS, STRATEGIES
 from jaxfl.data import MissingDataError, medmnist_path
 from jaxfl.data.medmnist import MEDMNIST_INFO, missing_data_message
 from jaxfl.defaults import OPTIONAL_FIELDS, default_config, flatten_fields
@@ -25,6 +25,7 @@ from jaxfl.factories import (
     OPTIMIZERS,
     PARTITION_ARGS,
     TASKS,
+    VOLUME_SOURCES,
     build_host_aggregator,
     build_shifts,
     clients_per_round,
@@ -95,7 +96,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 "config.model.name='unet' predicts per-pixel logits; use it with "
                 "config.task.name='segmentation'."
             )
+    if config.data.source in VOLUME_SOURCES:
+        _choice(errors, "data.volume.sites", config.data.volume.sites, ("data", "partition"))
     _choice(errors, "strategy", config.strategy, ("auto", *STRATEGIES))
+    _choice(errors, "placement", config.get("placement", "auto"), PLACEMENTS)
     for part in ("local", "server"):
         _choice(errors, f"{part}.optimizer", config[part].optimizer, OPTIMIZERS)
         _positive(errors, f"{part}.learning_rate", config[part].learning_rate, float)

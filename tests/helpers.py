@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -110,3 +112,43 @@ def numpy_init(model, shape, seed=0):
         return np.full(sds.shape, 1.0 if name == "scale" else 0.0, np.float32)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes["params"])
+
+
+RADCHEST_FINDINGS = ("nodule*left_lung", "nodule*right_lung", "mass*left_lung")
+# RAD-ChestCT's layout in small: per table (site), scan ids and their three finding columns.
+RADCHEST_LABELS = {
+    "train": [("trn00001", 0, 0, 0), ("trn00002", 1, 0, 0), ("trn00003", 0, 0, 1)],
+    "valid": [("val00001", 0, 1, 0), ("val00002", 0, 0, 0)],
+    "test": [("tst00001", 0, 0, 1), ("tst00002", 0, 0, 0)],
+}
+
+
+def fake_ct_scan(rng, shape=(12, 20, 18), lesion: bool = False):
+    """A fake chest CT in HU, int16 as RAD-ChestCT stores it: air outside, soft tissue inside
+    (and with ``lesion`` a dense block in it)."""
+    hu = np.full(shape, -1000, np.int16)
+    d, h, w = shape
+    hu[2:-2, 4:-4, 3:-3] = rng.integers(-100, 100, (d - 4, h - 8, w - 6))
+    if lesion:
+        hu[d // 4 : 3 * d // 4, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 400
+    return hu
+
+
+def write_radchest(root, labels=None, shape=(12, 20, 18), seed=0):
+    """Write RAD-ChestCT label tables under ``root/tables`` and ``.npz`` scans (array ``ct``)
+    under ``root/images``; scans whose row has a finding get a lesion. Returns ``root``."""
+    from jaxfl.data.volumes import RADCHEST_TABLES
+
+    rng = np.random.default_rng(seed)
+    (root / "tables").mkdir(exist_ok=True)
+    (root / "images").mkdir(exist_ok=True)
+    for split, rows in (labels or RADCHEST_LABELS).items():
+        with open(root / "tables" / RADCHEST_TABLES[split], "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["NoteAcc_DEID", *RADCHEST_FINDINGS])
+            w.writerows(rows)
+        for i, row in enumerate(rows):
+            size = (shape[0] + i % 3, *shape[1:])
+            scan = fake_ct_scan(rng, size, lesion=any(row[1:]))
+            np.savez_compressed(root / "images" / f"{row[0]}.npz", ct=scan)
+    return root

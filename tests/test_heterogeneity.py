@@ -157,6 +157,17 @@ def test_slice_average_pads_with_zeros_like_pppml_hmi():
     np.testing.assert_array_equal(average_slices(x, 3)[0, :, 1, 2, 0], [1, 4, 6])
 
 
+@pytest.mark.parametrize("thickness", [1, 5, 10, 7])
+def test_slice_thickness_matches_a_numpy_loop_on_70_slice_volumes(thickness):
+    # PPPML-HMI: average groups of t adjacent slices, zero-pad back to 70 (t = 7: no remainder
+    # left out; 70 = 10 * 7). Reference: a plain loop over groups.
+    x = np.random.default_rng(thickness).normal(size=(2, 70, 3, 4, 1)).astype(np.float32)
+    ref = np.zeros_like(x)
+    for g, start in enumerate(range(0, 70, thickness)):
+        ref[:, g] = x[:, start : start + thickness].mean(axis=1)
+    np.testing.assert_allclose(slice_thickness(x, thickness, "pad"), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_slice_average_repeat_mode():
     x = _volume_with_slice_values(7)
     out = slice_thickness(x, 3, "repeat")
