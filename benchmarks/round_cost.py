@@ -20,9 +20,17 @@ overrides config fields. The U-Net row of the README (5 hospitals x 64 phantom s
         --set data.ct.num_slices=16 --set data.ct.test_fraction=0 \
         --set partition.heldout_fraction=0 --set task.balanced_weights=False
 
-JSON: a list of ``{algorithm, strategy, seconds_per_round, vs_first, vs_loop, clients,
-backend}`` (``vs_first``: over the first row's time; ``vs_loop``: the ``loop`` strategy's time
-for the same algorithm over this row's, i.e. the speed-up over a per-client loop).
+3D rows: ``--conv3d auto,canonical`` times each row with each 3D convolution implementation
+(``canonical``: jaxfl's 3D path before im2col, see ``jaxfl.models.conv``), side by side;
+``--isolate`` runs every row in a fresh process, so each row's ``peak_rss_mib`` is its own:
+
+    python benchmarks/round_cost.py --config configs/medmnist3d.py --algorithms fedavg \
+        --conv3d auto,canonical --isolate --repeats 1
+
+JSON: a list of ``{algorithm, strategy, conv3d, seconds_per_round, vs_first, vs_loop, clients,
+peak_rss_mib, backend}`` (``vs_first``: over the first row's time; ``vs_loop``: the ``loop``
+strategy's time for the same algorithm over this row's, i.e. the speed-up over a per-client
+loop).
 """
 
 from __future__ import annotations
@@ -30,8 +38,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +50,9 @@ import jax
 import numpy as np
 
 from jaxfl import factories
+from jaxfl.models.conv import conv3d_impl
 from jaxfl.privacy.plan import plan_privacy
+from jaxfl.runtime import peak_rss_mib
 from jaxfl.simulate import INIT_STREAM, num_sampled_clients
 from jaxfl.sweep import apply_overrides
 from jaxfl.train import load_federated_data
@@ -53,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--strategies", default="auto", help="comma-separated config.strategy values")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
+    p.add_argument("--conv3d", default="auto", help="comma-separated 3D conv implementations")
+    p.add_argument("--isolate", action="store_true", help="one fresh process per row")
+    p.add_argument("--baseline", default="", help="git ref whose code times the same rows")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
@@ -112,36 +128,100 @@ def configure(args: argparse.Namespace, spec: str, strategy: str):
     return apply_overrides(load_config(args.config), overrides)
 
 
+def measure(args: argparse.Namespace, spec: str, strategy: str, impl: str) -> dict:
+    """One row: ``spec`` under ``strategy`` with 3D convolutions as ``impl``."""
+    with conv3d_impl(impl):
+        seconds, runner, metrics = seconds_per_round(configure(args, spec, strategy), args.repeats)
+    return {
+        "algorithm": spec,
+        "strategy": strategy,
+        "conv3d": impl,
+        "resolved": runner.strategy,
+        "seconds_per_round": seconds,
+        "clients": runner.num_clients,
+        "local_steps_mean": metrics.get("local_steps_mean"),
+        "peak_rss_mib": peak_rss_mib(),
+        "config": args.config,
+        "overrides": args.set,
+        "backend": jax.default_backend(),
+    }
+
+
+def measure_isolated(argv: list[str], spec: str, strategy: str, impl: str) -> dict:
+    """:func:`measure` in a fresh Python process (its peak RSS is this row's alone)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "row.json")
+        one = ["--algorithms", spec, "--strategies", strategy, "--conv3d", impl, "--json", out]
+        subprocess.run([sys.executable, __file__, *argv, *one], check=True, stdout=sys.stderr)
+        with open(out) as f:
+            return json.load(f)[0]
+
+
+def measure_baseline(argv: list[str], ref: str, spec: str, strategy: str) -> dict:
+    """The row as the code at git ``ref`` times it (its own round_cost.py, in a worktree)."""
+    repo = Path(__file__).resolve().parents[1]
+    config = str(Path(parse_args(argv).config).resolve())
+    keep = []
+    skip_next = False
+    for a in argv:  # drop options the older script may not know, and the relative config path
+        if skip_next:
+            skip_next = False
+        elif a in ("--conv3d", "--baseline", "--json", "--config"):
+            skip_next = True
+        elif a != "--isolate" and not a.startswith(("--conv3d=", "--baseline=", "--json=")):
+            keep.append(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        tree, out = Path(tmp) / "tree", str(Path(tmp) / "row.json")
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), ref],
+                       check=True, stdout=sys.stderr)  # fmt: skip
+        try:
+            cmd = [sys.executable, str(tree / "benchmarks" / "round_cost.py"), *keep,
+                   "--config", config, "--algorithms", spec, "--strategies", strategy,
+                   "--json", out]  # fmt: skip
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            subprocess.run(cmd, check=True, stdout=sys.stderr, cwd=tree, env=env)
+            with open(out) as f:
+                row = json.load(f)[0]
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)],
+                           check=False)  # fmt: skip
+    row["conv3d"] = f"code@{ref}"
+    row.setdefault("peak_rss_mib", float("nan"))
+    return row
+
+
 def main(argv=None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    # The row runs add their own selection flags after these (argparse keeps the last).
+    base = [a for a in argv if a != "--isolate"]
     rows = []
     for spec in args.algorithms.split(","):
         for strategy in args.strategies.split(","):
-            seconds, runner, metrics = seconds_per_round(
-                configure(args, spec, strategy), args.repeats
-            )
-            first = rows[0]["seconds_per_round"] if rows else seconds
-            row = {
-                "algorithm": spec,
-                "strategy": strategy,
-                "resolved": runner.strategy,
-                "seconds_per_round": seconds,
-                "vs_first": seconds / first,
-                "clients": runner.num_clients,
-                "local_steps_mean": metrics.get("local_steps_mean"),
-                "config": args.config,
-                "overrides": args.set,
-                "backend": jax.default_backend(),
-            }
-            rows.append(row)
-            print(
-                f"{spec:16s} {strategy:10s} {seconds:8.2f} s/round   {row['vs_first']:5.2f}x",
-                flush=True,
-            )
-    loop = {r["algorithm"]: r["seconds_per_round"] for r in rows if r["strategy"] == "loop"}
+            impls = args.conv3d.split(",") + ([f"code@{args.baseline}"] if args.baseline else [])
+            for impl in impls:
+                if impl.startswith("code@"):
+                    row = measure_baseline(base, impl[len("code@") :], spec, strategy)
+                elif args.isolate:
+                    row = measure_isolated(base, spec, strategy, impl)
+                else:
+                    row = measure(args, spec, strategy, impl)
+                seconds = row["seconds_per_round"]
+                row["vs_first"] = seconds / (rows[0]["seconds_per_round"] if rows else seconds)
+                rows.append(row)
+                print(
+                    f"{spec:16s} {strategy:10s} {impl:9s} {seconds:8.2f} s/round   "
+                    f"{row['vs_first']:5.2f}x   peak RSS {row['peak_rss_mib']:7.0f} MiB",
+                    flush=True,
+                )
+    loop = {
+        (r["algorithm"], r["conv3d"]): r["seconds_per_round"]
+        for r in rows
+        if r["strategy"] == "loop"
+    }
     for r in rows:
-        if r["algorithm"] in loop:
-            r["vs_loop"] = loop[r["algorithm"]] / r["seconds_per_round"]
+        if (r["algorithm"], r["conv3d"]) in loop:
+            r["vs_loop"] = loop[r["algorithm"], r["conv3d"]] / r["seconds_per_round"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
