@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.local.batch_size = 32
     config.local.epochs = 2
-    config.local.learning_rate = 3e-3
+    config.local.learning_rate = 1e-3
     # Per-FedAvg (PPPML-HMI's variant): alpha as theirs; their beta = 1e-3 of plain SGD barely
     # moves the model in 10 rounds, 0.1 trains about as fast as FedAvg's Adam.
     config.algorithm.alpha = 1e-2

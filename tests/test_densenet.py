@@ -58,10 +58,11 @@ def test_compact_default_counts_and_takes_2d_and_3d():
 
 
 def test_norm_groups_divide_every_densenet121_width():
-    for channels in (32, 112, 128, 224, 248, 508, 1020):
+    for channels in (16, 32, 112, 128, 224, 248, 508, 1020):
         g = norm_groups(channels)
-        assert channels % g == 0 and g <= 32
-    assert norm_groups(508) == 4 and norm_groups(1020) == 30 and norm_groups(64) == 32
+        assert channels % g == 0 and g <= 32 and channels // g >= 8
+    assert norm_groups(508) == 4 and norm_groups(1020) == 30 and norm_groups(256) == 32
+    assert norm_groups(16) == 2 and norm_groups(12) == 1  # never instance norm
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,29 @@ from jaxfl.models.conv import conv_general_dilated
 
 _GN_EPS = 1e-5  # PyTorch's epsilon
 _GN_MAX_GROUPS = 32
+_GN_MIN_GROUP_SIZE = 8
 
 
-def norm_groups(channels: int, max_groups: int = _GN_MAX_GROUPS) -> int:
-    """The most GroupNorm groups (at most ``max_groups``) that divide ``channels``.
+def norm_groups(
+    channels: int, max_groups: int = _GN_MAX_GROUPS, min_group_size: int = _GN_MIN_GROUP_SIZE
+) -> int:
+    """The most GroupNorm groups that divide ``channels``, at most ``max_groups`` and with at
+    least ``min_group_size`` channels each (1 group if none qualifies).
 
     DenseNet's channel counts are sums of the growth rate and halvings of them (DenseNet-121:
-    112, 248, 508, 1020), so a fixed group count would not divide them all.
+    112, 248, 508, 1020), so a fixed group count would not divide them all. The group-size
+    floor matters: one channel per group is instance normalization, which zeroes every
+    channel's spatial mean, and the global average pool after the final norm then sees almost
+    nothing (measured: the compact network with 16 groups of 1 channel stayed at test AUC
+    0.46-0.54 on AdrenalMNIST3D after 4 epochs, where the same network without norms reached
+    0.77).
     """
-    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+    fits = [
+        g
+        for g in range(1, min(max_groups, channels) + 1)
+        if channels % g == 0 and channels // g >= min_group_size
+    ]
+    return max(fits, default=1)
 
 
 NORMS = ("group", "none")
