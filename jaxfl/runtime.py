@@ -65,6 +65,27 @@ def configure_cpu_devices() -> int | None:
     return count
 
 
+# XLA:CPU aborts the whole process when a device waits more than 40 s (its default) for the
+# others at a collective, and warns after 20 s. Under shard_map one device's clients can take
+# minutes longer than another's (a large client, 3D volumes): measured, a 3D MedMNIST round of
+# jaxfl's previous code died with "Termination timeout ... of 40 seconds exceeded". Waiting is
+# correct here, so jaxfl raises both limits unless the user set them.
+COLLECTIVE_FLAGS = {
+    "xla_cpu_collective_call_terminate_timeout_seconds": 7 * 24 * 3600,
+    "xla_cpu_collective_call_warn_stuck_timeout_seconds": 600,
+}
+
+
+def configure_collective_timeouts() -> list[str]:
+    """Append :data:`COLLECTIVE_FLAGS` to ``XLA_FLAGS`` (those the user has not set); returns the
+    flags added. Must run before JAX starts its CPU backend (it runs at ``import jaxfl``)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    added = [f"--{k}={v}" for k, v in COLLECTIVE_FLAGS.items() if k not in flags]
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+    return added
+
+
 @functools.cache
 def tune_cpu_malloc() -> bool:
     """Keep freed heap blocks up to 32 MiB and never trim the heap (Linux/glibc; once per process).

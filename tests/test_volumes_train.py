@@ -84,7 +84,7 @@ PRIVACY = {
     "secagg": {"secure.aggregator": "secagg"},
     "perfedavg_dp": {"algorithm.name": "perfedavg_pppml", "dp.mode": "record"},
 }
-SLOW = ("local_update_dp", "secagg", "perfedavg_dp")
+SLOW = ("record_dp", "local_update_dp", "secagg", "perfedavg_dp")
 
 
 @pytest.mark.parametrize(
