@@ -193,8 +193,16 @@ def measure_baseline(argv: list[str], ref: str, spec: str, strategy: str) -> dic
 def main(argv=None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    # The row runs add their own selection flags after these (argparse keeps the last).
-    base = [a for a in argv if a != "--isolate"]
+    # The row runs add their own selection flags after these (argparse keeps the last); a row
+    # process must not time the baseline again.
+    base, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--baseline":
+            skip = True
+        elif a != "--isolate" and not a.startswith("--baseline="):
+            base.append(a)
     rows = []
     for spec in args.algorithms.split(","):
         for strategy in args.strategies.split(","):
