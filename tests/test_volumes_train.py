@@ -84,7 +84,7 @@ PRIVACY = {
     "secagg": {"secure.aggregator": "secagg"},
     "perfedavg_dp": {"algorithm.name": "perfedavg_pppml", "dp.mode": "record"},
 }
-SLOW = ("record_dp", "local_update_dp", "secagg", "perfedavg_dp")
+SLOW = ("ckks_ring", "record_dp", "local_update_dp", "secagg", "perfedavg_dp")
 
 
 @pytest.mark.parametrize(
