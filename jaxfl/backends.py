@@ -263,10 +263,9 @@ def balanced_positions(costs: np.ndarray, devices: int, per_device: int) -> np.n
     return positions
 
 
-def balanced_max_load(costs: np.ndarray, devices: int, per_device: int) -> float:
-    """The busiest device's work under :func:`balanced_positions`."""
-    owner = balanced_positions(costs, devices, per_device) // per_device
-    return float(np.bincount(owner, weights=costs, minlength=devices).max())
+def device_loads(positions: np.ndarray, costs: np.ndarray, devices: int, per_device: int):
+    """Each device's summed ``costs`` when slot ``i`` sits at ``positions[i]``."""
+    return np.bincount(positions // per_device, weights=costs, minlength=devices)
 
 
 class ShardMapBackend:
@@ -338,22 +337,22 @@ class ShardMapBackend:
         # 0..n-1 filling the last block), so a run compiles one program, unless costs say a
         # re-pack balances the devices better; a sampled subset is always re-packed.
         in_place = np.array_equal(ids, np.arange(n)) and -(-n // d) == block
-        work = None
+        positions = None  # re-packed in slot order, unless costs call for balancing
         if costs is not None and d > 1:
             work = np.where(valid, np.asarray(costs, np.float64), 0.0)
-            # A device running its clients one by one can take extra (empty) slots for free,
-            # so balancing may give it more clients than the others.
-            t_balanced = self._slots_per_device(n * self._spare)
-            best = balanced_max_load(work, d, t_balanced)
-            now = (
-                np.bincount(ids // block, weights=work, minlength=d).max()
-                if in_place
-                else balanced_max_load(work, d, t)
+            # In place: the clients' own layout; re-packed: balanced within t slots per device.
+            current = (
+                (ids // block) * t + ids % block if in_place else balanced_positions(work, d, t)
             )
-            if now > BALANCE_TOLERANCE * best:
-                in_place, t = False, t_balanced
-            else:
-                work = None if in_place else work
+            positions = None if in_place else current
+            # A device running its clients one by one can take extra (empty) slots for free,
+            # so balancing may give it more clients than the others; that changes the program's
+            # shape, so it is taken only when it clearly pays.
+            t_balanced = self._slots_per_device(n * self._spare)
+            balanced = balanced_positions(work, d, t_balanced)
+            now = device_loads(current, work, d, t).max()
+            if now > BALANCE_TOLERANCE * device_loads(balanced, work, d, t_balanced).max():
+                in_place, t, positions = False, t_balanced, balanced
         rows = np.zeros((d, t), np.int32)
         cids = np.zeros((d, t), np.int32)
         ok = np.zeros((d, t), bool)
@@ -362,7 +361,7 @@ class ShardMapBackend:
             rows[owner, row], cids[owner, row], ok[owner, row] = row, ids, valid
             positions = owner * t + row
         else:  # re-pack: gather the selected rows, t per device
-            positions = np.arange(n) if work is None else balanced_positions(work, d, t)
+            positions = np.arange(n) if positions is None else positions
             flat = np.zeros(d * t, np.int32)
             flat[positions] = ids
             per_client = self._gather(per_client, jnp.asarray(flat))
@@ -483,9 +482,14 @@ class StreamingBackend:
             data = self.inner.place(jax.tree.map(lambda a, r=rows: _take(a, r), per_client))
             yield data, jnp.asarray(rows), local, ok, cost
 
+    @staticmethod
+    def _out_shape(fn: ClientFn, shared, per_client):
+        """The shape of one client's output (for calls with no valid client)."""
+        one = jax.tree.map(lambda a: _take(a, np.zeros(1, np.int32))[0], per_client)
+        return jax.eval_shape(fn, shared, one, jnp.int32(0), jnp.bool_(True))
+
     def sum(self, fn: ClientFn) -> MappedFn:
         run = self.inner.sum(self._wrap(fn))
-        shapes = {}
 
         def call(shared, per_client, ids, valid, costs=None):
             acc = None
@@ -493,10 +497,8 @@ class StreamingBackend:
                 part = run((shared, cids), data, local, ok, costs=cost)
                 acc = part if acc is None else tree_add(acc, part)
             if acc is None:  # no valid client: zeros of the output's shape
-                if "out" not in shapes:
-                    one = jax.tree.map(lambda a: _take(a, np.zeros(1, np.int32))[0], per_client)
-                    shapes["out"] = jax.eval_shape(fn, shared, one, jnp.int32(0), jnp.bool_(True))
-                acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["out"])
+                shape = self._out_shape(fn, shared, per_client)
+                acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
             return acc
 
         return call
@@ -510,8 +512,7 @@ class StreamingBackend:
                 for data, cids, local, ok, cost in self._chunks(per_client, ids, valid, costs)
             ]
             if not outs:
-                one = jax.tree.map(lambda a: _take(a, np.zeros(1, np.int32))[0], per_client)
-                shape = jax.eval_shape(fn, shared, one, jnp.int32(0), jnp.bool_(True))
+                shape = self._out_shape(fn, shared, per_client)
                 return jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), shape)
             return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 

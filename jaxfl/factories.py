@@ -196,10 +196,15 @@ def load_volume_dataset(
     return dataset, site, volumes.sites
 
 
-def build_volume_data(config: ml_collections.ConfigDict) -> FederatedData:
-    """CT volumes as clients: one per site (``data.volume.sites="data"``), or the pooled
-    training volumes split by ``config.partition`` (``"partition"``)."""
-    dataset, site, sites = load_volume_dataset(config)
+def build_volume_data(
+    config: ml_collections.ConfigDict,
+    dataset: Dataset,
+    site: np.ndarray,
+    sites: tuple[str, ...],
+) -> FederatedData:
+    """CT volumes (:func:`load_volume_dataset`'s) as clients: one per site
+    (``data.volume.sites="data"``), or the pooled training volumes split by
+    ``config.partition`` (``"partition"``)."""
     mode = config.data.volume.sites
     if mode == "partition":
         return build_federated_data(config, dataset)

@@ -78,7 +78,9 @@ def load_federated_data(config: ml_collections.ConfigDict) -> FederatedData:
     if config.task.name == "segmentation":
         return factories.build_segmentation_data(config)
     if config.data.source in factories.VOLUME_SOURCES:
-        return factories.build_volume_data(config)
+        dataset, site, sites = factories.load_volume_dataset(config)
+        validate_dataset(config, dataset)
+        return factories.build_volume_data(config, dataset, site, sites)
     dataset = factories.build_dataset(config)
     validate_dataset(config, dataset)
     return factories.build_federated_data(config, dataset)

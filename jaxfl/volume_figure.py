@@ -25,9 +25,12 @@ def mid_slices(volume: np.ndarray) -> list[np.ndarray]:
     return [v[d // 2], v[:, h // 2, :], v[:, :, w // 2]]
 
 
-def site_volumes(config: ml_collections.ConfigDict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def site_volumes(
+    config: ml_collections.ConfigDict,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[AcquisitionShift]]:
     """Per client: its first training volume before and after its scanner shift
-    (``[D, H, W, C]`` each), the shift exactly as training applies it (same noise draw)."""
+    (``[D, H, W, C]`` each, the shift exactly as training applies it: same noise draw), and
+    the shifts."""
     plain = config.copy_and_resolve_references()
     with plain.unlocked():
         plain.heterogeneity.preset = ""
@@ -48,7 +51,7 @@ def site_volumes(config: ml_collections.ConfigDict) -> tuple[list[np.ndarray], l
         shifted = apply_shift(real, shift, seed=config.seed, client_id=c, stream=TRAIN_STREAM)
         after.append(shifted[0])
         before.append(real[0])
-    return before, after
+    return before, after, shifts
 
 
 def describe(shift: AcquisitionShift) -> str:
@@ -66,8 +69,7 @@ def plot_volume_shifts(
     config: ml_collections.ConfigDict, out: str | os.PathLike, title: str | None = None
 ) -> Path:
     """One row per site: mid-slices of one volume before (left) and after (right) its shift."""
-    before, after = site_volumes(config)
-    shifts = factories.build_shifts(config, is_3d=True)
+    before, after, shifts = site_volumes(config)
     rows = len(before)
     fig = Figure(figsize=(12, 2.1 * rows + 0.7))
     axes = fig.subplots(rows, 6, squeeze=False)

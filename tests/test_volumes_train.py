@@ -112,3 +112,15 @@ def test_tiny_3d_run_learns_on_synthetic_volumes(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert final["test_auc"] > 0.9, final
+
+
+def test_volume_shift_figure_shows_each_site_before_and_after(radchest_dir, tmp_path):
+    from jaxfl.volume_figure import plot_volume_shifts, site_volumes
+
+    config = _radchest_config(radchest_dir)
+    before, after, shifts = site_volumes(config)
+    assert [s.slice_thickness for s in shifts] == [1, 5, 10]
+    np.testing.assert_array_equal(after[0], before[0])  # site 0: thickness 1
+    assert np.all(after[2][1:] == 0.0) and not np.all(before[2][1:] == 0.0)  # one thick slice
+    out = plot_volume_shifts(config, tmp_path / "shift.png")
+    assert out.stat().st_size > 10_000

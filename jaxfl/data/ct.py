@@ -906,21 +906,28 @@ def discover_msd(root: str | os.PathLike[str], *, site: str | None = None) -> li
     return [CaseSpec(images[n], labels[n], patient=n, site=site) for n in sorted(images)]
 
 
-def _manifest_rows(path: Path) -> list[dict[str, str]]:
-    """The CSV's rows with stripped keys and values; checks the required columns."""
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV's column names and rows, keys and values stripped (a BOM-marked file too)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in MANIFEST_REQUIRED if c not in columns]
-        if missing:
-            raise DataFileError(
-                f"manifest {path} lacks columns {missing} (has {columns}); it needs "
-                f"{', '.join(MANIFEST_REQUIRED)} and optionally split, lung"
-            )
-        return [
+        rows = [
             {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
             for row in reader
         ]
+    return columns, rows
+
+
+def _manifest_rows(path: Path) -> list[dict[str, str]]:
+    """The CSV's rows with stripped keys and values; checks the required columns."""
+    columns, rows = read_csv_rows(path)
+    missing = [c for c in MANIFEST_REQUIRED if c not in columns]
+    if missing:
+        raise DataFileError(
+            f"manifest {path} lacks columns {missing} (has {columns}); it needs "
+            f"{', '.join(MANIFEST_REQUIRED)} and optionally split, lung"
+        )
+    return rows
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[CaseSpec]:

@@ -24,7 +24,6 @@ files that later runs memory-map, so the host holds only what the clients touch.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -44,6 +43,7 @@ from jaxfl.data.ct import (
     detect_intensity,
     grey_to_unit,
     load_volume,
+    read_csv_rows,
     window_hu,
 )
 from jaxfl.errors import ConfigError, DataFileError
@@ -208,13 +208,6 @@ def _find(root: Path, name: str) -> Path | None:
     return None
 
 
-def _table_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
-
-
 def _row_label(row: dict[str, str], columns: Sequence[str], path: Path) -> int:
     try:
         return int(any(float(row[c] or 0) > 0 for c in columns))
@@ -235,7 +228,7 @@ def discover_radchest(root: str | os.PathLike[str], abnormality: str = "") -> li
         raise MissingCTDataError(_radchest_message(root, "no label table found"))
     cases: list[VolumeCase] = []
     for site, path in tables.items():
-        columns, rows = _table_rows(path)
+        columns, rows = read_csv_rows(path)
         if RADCHEST_ID not in columns:
             raise DataFileError(f"{path} has no {RADCHEST_ID!r} column (columns: {columns[:5]}...)")
         findings = [c for c in columns if "*" in c]
@@ -252,7 +245,7 @@ def discover_radchest(root: str | os.PathLike[str], abnormality: str = "") -> li
         if not chosen:
             raise DataFileError(f"{path} has no 'abnormality*location' label columns")
         for row in rows:
-            scan = row[RADCHEST_ID].strip()
+            scan = row[RADCHEST_ID]
             volume = _find(root, f"{scan}.npz")
             if volume is None:
                 raise MissingCTDataError(
@@ -270,7 +263,7 @@ def read_volume_csv(path: str | os.PathLike[str]) -> list[VolumeCase]:
             f"volume label CSV not found: {path}; write one with columns image (NIfTI/.npy/.npz "
             "path, relative to the CSV), label (int), optional site and split (train/test)"
         )
-    columns, rows = _table_rows(path)
+    columns, rows = read_csv_rows(path)
     missing = [c for c in ("image", "label") if c not in columns]
     if missing:
         raise DataFileError(f"{path} lacks the column(s) {missing}; it has {columns}")
@@ -286,10 +279,10 @@ def read_volume_csv(path: str | os.PathLike[str]) -> list[VolumeCase]:
             raise DataFileError(f"{path} row {i + 2}: label {label} is negative")
         image = Path(row["image"])
         image = image if image.is_absolute() else path.parent / image
-        split = (row.get("split") or "").strip() or None
+        split = row.get("split") or None
         if split not in (None, "train", "test"):
             raise DataFileError(f"{path} row {i + 2}: split {split!r}; use train, test or empty")
-        cases.append(VolumeCase(image, label, (row.get("site") or "site0").strip(), split))
+        cases.append(VolumeCase(image, label, row.get("site") or "site0", split))
     if not cases:
         raise DataFileError(f"{path} lists no volumes")
     return cases
