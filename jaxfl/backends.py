@@ -57,6 +57,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxfl.data.lazy import is_lazy
 from jaxfl.tree import tree_add
 
 PyTree = Any
@@ -427,11 +428,25 @@ class ShardMapBackend:
 
 
 def _take(leaf, rows: np.ndarray):
-    """Rows of one per-client leaf: a host gather for numpy (memory maps read only these rows),
-    a device gather for arrays already on a device (per-client parameters)."""
+    """Rows of one per-client leaf: a host gather for numpy (memory maps read only these rows)
+    and for lazy rows (:class:`~jaxfl.data.lazy.LazyRows`, read now), a device gather for
+    arrays already on a device (per-client parameters)."""
     if isinstance(leaf, jax.Array):
         return leaf[jnp.asarray(rows)]
+    if is_lazy(leaf):
+        return leaf.take_clients(rows)
     return np.take(leaf, rows, axis=0)
+
+
+def _take_padded(leaf, rows: np.ndarray, size: int):
+    """``_take(leaf, rows)`` padded with zero rows to ``size`` (a last, partial chunk): the
+    padding slots are invalid, so they are zeros rather than another read of some client."""
+    out = _take(leaf, rows)
+    pad = size - len(rows)
+    if not pad:
+        return out
+    xp = jnp if isinstance(out, jax.Array) else np
+    return xp.concatenate([out, xp.zeros((pad, *out.shape[1:]), out.dtype)])
 
 
 class StreamingBackend:
@@ -454,7 +469,8 @@ class StreamingBackend:
         self.description = f"{inner.description}, streaming {chunk} clients at a time from host"
 
     def place(self, per_client: PyTree) -> PyTree:
-        return jax.tree.map(lambda a: a if isinstance(a, jax.Array) else np.asarray(a), per_client)
+        keep = lambda a: isinstance(a, jax.Array) or is_lazy(a)  # noqa: E731
+        return jax.tree.map(lambda a: a if keep(a) else np.asarray(a), per_client)
 
     @staticmethod
     def _wrap(fn: ClientFn) -> ClientFn:
@@ -479,7 +495,9 @@ class StreamingBackend:
             if chosen_costs is not None:
                 cost = np.zeros(self.chunk)
                 cost[: len(part)] = chosen_costs[start : start + self.chunk]
-            data = self.inner.place(jax.tree.map(lambda a, r=rows: _take(a, r), per_client))
+            data = self.inner.place(
+                jax.tree.map(lambda a, p=part: _take_padded(a, p, self.chunk), per_client)
+            )
             yield data, jnp.asarray(rows), local, ok, cost
 
     @staticmethod

@@ -44,6 +44,7 @@ from jaxfl.data.ct import (
     read_manifest,
     totalseg_example_cases,
 )
+from jaxfl.data.federated import materialize
 from jaxfl.data.phantoms import phantom_slices
 from jaxfl.data.segmentation import (
     federate_slices,
@@ -219,9 +220,13 @@ def build_volume_data(
         )
     indices = [np.flatnonzero(site == s) for s in range(len(sites))]
     fed = build_federated(
-        dataset, indices, heldout_fraction=config.partition.heldout_fraction, seed=config.seed
+        dataset,
+        indices,
+        heldout_fraction=config.partition.heldout_fraction,
+        seed=config.seed,
+        lazy=True,
     )
-    return _shifted(config, fed, is_3d=True)
+    return _placed(config, _shifted(config, fed, is_3d=True))
 
 
 def build_federated_data(config: ml_collections.ConfigDict, dataset: Dataset) -> FederatedData:
@@ -244,8 +249,24 @@ def build_federated_data(config: ml_collections.ConfigDict, dataset: Dataset) ->
             f"{len(dataset.train.labels)} training examples over config.num_clients="
             f"{config.num_clients}: {e}"
         ) from e
-    fed = build_federated(dataset, indices, heldout_fraction=p.heldout_fraction, seed=config.seed)
-    return _shifted(config, fed, is_3d=dataset.train.images.ndim == 5)
+    fed = build_federated(
+        dataset, indices, heldout_fraction=p.heldout_fraction, seed=config.seed, lazy=True
+    )
+    return _placed(config, _shifted(config, fed, is_3d=dataset.train.images.ndim == 5))
+
+
+def data_placement(config: ml_collections.ConfigDict, train: ClientArrays) -> str:
+    """Where ``train`` lives during the run, ``"device"`` or ``"stream"`` (host), from
+    ``config.placement`` (``auto``: by its size, :func:`~jaxfl.backends.choose_placement`)."""
+    return choose_placement(config.get("placement", "auto"), tree_nbytes(train), jax.devices())
+
+
+def _placed(config: ml_collections.ConfigDict, fed: FederatedData) -> FederatedData:
+    """``fed`` (built lazily) read into host arrays, unless its training data streams: then the
+    clients stay lazy and each chunk is read from the source when it goes to the device."""
+    if data_placement(config, fed.train) == "stream":
+        return fed
+    return fed._replace(train=materialize(fed.train), heldout=materialize(fed.heldout))
 
 
 def _ct_preprocess(ct: ml_collections.ConfigDict) -> CTPreprocess:
@@ -452,13 +473,11 @@ def build_backend(config: ml_collections.ConfigDict, train: ClientArrays) -> Cli
     """The execution backend of ``config.strategy`` (and ``config.chunk_size``), streaming
     ``train`` from the host when ``config.placement`` says so (``auto``: by its size)."""
     backend = make_backend(config.strategy, chunk_size=config.chunk_size)
-    data_bytes = tree_nbytes(train)
-    placement = choose_placement(config.get("placement", "auto"), data_bytes, jax.devices())
-    if placement == "device":
+    if data_placement(config, train) == "device":
         return backend
     logging.info(
         "Client data (%.2f GiB) stays on the host; %d clients at a time go to the device",
-        data_bytes / 2**30,
+        tree_nbytes(train) / 2**30,
         config.chunk_size,
     )
     return StreamingBackend(backend, config.chunk_size)

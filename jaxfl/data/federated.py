@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxfl.data.lazy import LazyRows, is_lazy
 from jaxfl.types import ClientArrays, Dataset, FederatedData, Split
 
 # Guards floor(f * n) against float error, e.g. 0.3 * 10 = 2.9999999999999996.
@@ -42,14 +43,18 @@ def stack_clients(
     examples: Mapping[str, np.ndarray],
     client_indices: Sequence[Any],
     pad_multiple: int = 1,
+    lazy: bool = False,
 ) -> ClientArrays:
     """Gather each client's examples: every feature ``[N, ...]`` becomes ``[K, L, ...]``, plus
     ``mask [K, L]`` and ``counts [K]``.
 
     ``L`` is the largest client size rounded up to ``pad_multiple`` (at least one slot, so
     all-empty splits keep a valid shape); padding is zeros with mask 0 after the real examples.
+    ``lazy``: features are :class:`~jaxfl.data.lazy.LazyRows` that read their rows from
+    ``examples`` when indexed (no ``[K, L, ...]`` copy; a feature that is itself lazy, e.g. a
+    memory-mapped volume split, is read through to its source).
     """
-    examples = {k: np.asarray(v) for k, v in examples.items()}
+    examples = {k: v if is_lazy(v) else np.asarray(v) for k, v in examples.items()}
     sizes = {k: v.shape[0] for k, v in examples.items()}
     if not sizes:
         raise ValueError(
@@ -71,13 +76,33 @@ def stack_clients(
     length = -(-length // int(pad_multiple)) * int(pad_multiple)
 
     k = len(idx)
-    out = {name: np.zeros((k, length, *v.shape[1:]), dtype=v.dtype) for name, v in examples.items()}
-    mask = np.zeros((k, length), dtype=np.float32)
+    table = np.full((k, length), -1, np.int64)
     for c, ix in enumerate(idx):
-        for name, v in examples.items():
-            out[name][c, : ix.size] = v[ix]
-        mask[c, : ix.size] = 1.0
+        table[c, : ix.size] = ix
+    mask = (table >= 0).astype(np.float32)
+    if lazy:
+        out = {name: _lazy_stack(v, table) for name, v in examples.items()}
+    else:
+        out = {name: np.zeros((k, length, *v.shape[1:]), v.dtype) for name, v in examples.items()}
+        for c, ix in enumerate(idx):
+            for name, v in examples.items():
+                out[name][c, : ix.size] = v[ix]
     return ClientArrays(examples=out, mask=mask, counts=counts)
+
+
+def materialize(arrays: ClientArrays) -> ClientArrays:
+    """``arrays`` with every lazy feature read into a numpy array ``[K, L, ...]``."""
+    examples = {k: np.asarray(v) if is_lazy(v) else v for k, v in arrays.examples.items()}
+    return arrays._replace(examples=examples)
+
+
+def _lazy_stack(feature: Any, table: np.ndarray) -> LazyRows:
+    """``feature [N, ...]`` as per-client rows ``table [K, L]`` (-1 = padding), reading through a
+    lazy 1-D view to its source."""
+    if is_lazy(feature) and feature.index.ndim == 1 and not feature.transforms:
+        composed = np.where(table >= 0, feature.index[np.maximum(table, 0)], -1)
+        return LazyRows(feature.source, composed, dtype=feature.dtype)
+    return LazyRows(feature, table)
 
 
 def split_heldout(
@@ -100,8 +125,10 @@ def split_heldout(
 
 
 def _classification_examples(split: Split) -> dict[str, np.ndarray]:
-    """A classification split's features; labels as int32 ``[N]`` (MedMNIST stores ``[N, 1]``)."""
-    return {"image": np.asarray(split.images), "label": np.asarray(split.labels).astype(np.int32)}
+    """A classification split's features; labels as int32 ``[N]`` (MedMNIST stores ``[N, 1]``).
+    Lazy images (a volume cache's rows) stay lazy."""
+    images = split.images if is_lazy(split.images) else np.asarray(split.images)
+    return {"image": images, "label": np.asarray(split.labels).astype(np.int32)}
 
 
 def build_federated(
@@ -110,17 +137,20 @@ def build_federated(
     heldout_fraction: float = 0.2,
     seed: int = 0,
     pad_multiple: int = 1,
+    lazy: bool = False,
 ) -> FederatedData:
-    """Per-client train/held-out ClientArrays from ``dataset.train``; test = ``dataset.test``."""
+    """Per-client train/held-out ClientArrays from ``dataset.train``; test = ``dataset.test``.
+
+    ``lazy``: client features are read on demand (:func:`stack_clients`), for streaming."""
     idx = _check_indices(client_indices, dataset.train.labels.shape[0])
     pairs = [split_heldout(ix, heldout_fraction, seed, c) for c, ix in enumerate(idx)]
     train_idx = [p[0] for p in pairs]
     heldout_idx = [p[1] for p in pairs]
     examples = _classification_examples(dataset.train)
     return FederatedData(
-        train=stack_clients(examples, train_idx, pad_multiple),
-        heldout=stack_clients(examples, heldout_idx, pad_multiple),
-        test=_classification_examples(dataset.test),
+        train=stack_clients(examples, train_idx, pad_multiple, lazy),
+        heldout=stack_clients(examples, heldout_idx, pad_multiple, lazy),
+        test={k: np.asarray(v) for k, v in _classification_examples(dataset.test).items()},
         num_classes=dataset.num_classes,
         name=dataset.name,
     )

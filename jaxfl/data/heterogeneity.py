@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import scipy.ndimage
 
+from jaxfl.data.lazy import is_lazy
 from jaxfl.types import ClientArrays
 
 SLICE_MODES = ("pad", "repeat")
@@ -330,8 +331,6 @@ def apply_to_clients(
     missing = [k for k in label_keys if k not in arrays.examples]
     if missing:
         raise ValueError(f"label_keys {missing} are not features of {sorted(arrays.examples)}")
-    labels = {k: np.array(arrays.examples[k], copy=True) for k in label_keys}
-    images = np.asarray(arrays.examples["image"])
     counts = np.asarray(arrays.counts)
     k = counts.shape[0]
     if len(shifts) != k:
@@ -339,6 +338,10 @@ def apply_to_clients(
             f"got {len(shifts)} shifts for {k} clients; pass exactly one AcquisitionShift per "
             "client (identity AcquisitionShift() for an unshifted client)"
         )
+    if is_lazy(arrays.examples["image"]):
+        return _apply_lazily(arrays, shifts, seed, stream, value_range, label_keys, ignore_label)
+    labels = {k: np.array(arrays.examples[k], copy=True) for k in label_keys}
+    images = np.asarray(arrays.examples["image"])
     out = images.astype(np.float32, copy=True)
     for c, shift in enumerate(shifts):
         n = int(counts[c])
@@ -358,6 +361,44 @@ def apply_to_clients(
         except ValueError as e:
             raise ValueError(f"client {c}: {e}") from None
     return arrays._replace(examples={**arrays.examples, **labels, "image": out})
+
+
+def _apply_lazily(
+    arrays: ClientArrays,
+    shifts: Sequence[AcquisitionShift],
+    seed: int,
+    stream: int,
+    value_range: Sequence[float],
+    label_keys: Sequence[str],
+    ignore_label: int,
+) -> ClientArrays:
+    """:func:`apply_to_clients` on lazy features: each client's shift runs when its rows are
+    read (the same values: a client's draws depend only on seed, client and stream). Each
+    shifted client's first example is shifted now, so a shift that cannot apply fails here."""
+
+    def shift_images(c: int, x: np.ndarray) -> np.ndarray:
+        if shifts[c].is_identity:
+            return x
+        kw = dict(seed=seed, client_id=c, stream=stream, value_range=value_range)
+        return apply_shift(x, shifts[c], **kw)
+
+    def shift_mask(c: int, x: np.ndarray) -> np.ndarray:
+        return x if shifts[c].is_identity else shift_labels(x, shifts[c], ignore_label)
+
+    examples = dict(arrays.examples)
+    examples["image"] = examples["image"].map_clients(shift_images, np.float32)
+    for key in label_keys:
+        examples[key] = examples[key].map_clients(shift_mask)
+    counts = np.asarray(arrays.counts)
+    for c, shift in enumerate(shifts):
+        if shift.is_identity or counts[c] == 0:
+            continue
+        row = examples["image"].index[c, :1]
+        try:
+            shift_images(c, np.asarray(examples["image"].source[row], np.float32))
+        except ValueError as e:
+            raise ValueError(f"client {c}: {e}") from None
+    return arrays._replace(examples=examples)
 
 
 def scanner_presets(

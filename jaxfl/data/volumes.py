@@ -46,6 +46,7 @@ from jaxfl.data.ct import (
     read_csv_rows,
     window_hu,
 )
+from jaxfl.data.lazy import LazyRows
 from jaxfl.errors import ConfigError, DataFileError
 from jaxfl.types import Dataset, Split
 
@@ -387,8 +388,9 @@ def volume_dataset(
 ) -> tuple[Dataset, np.ndarray]:
     """A classification Dataset (train = every non-test volume) and each train volume's site.
 
-    ``num_classes`` 0 means ``max(2, largest label + 1)``. Train images stay a view of
-    ``volumes.image`` where the test volumes are all at the end, else they are gathered.
+    ``num_classes`` 0 means ``max(2, largest label + 1)``. Train images are
+    :class:`~jaxfl.data.lazy.LazyRows` of ``volumes.image`` (read when used: a memory-mapped
+    cache is not copied into RAM); test images are gathered.
     """
     test = global_test_indices(volumes, test_fraction, seed)
     train = np.setdiff1d(np.arange(len(volumes.label)), test)
@@ -399,11 +401,12 @@ def volume_dataset(
             f"{classes}; set it to at least {int(volumes.label.max()) + 1} (or 0 to infer it)"
         )
 
-    def split(idx: np.ndarray) -> Split:
-        return Split(images=volumes.image[idx], labels=volumes.label[idx])
+    def split(idx: np.ndarray, lazy: bool) -> Split:
+        images = LazyRows(volumes.image, idx) if lazy else volumes.image[idx]
+        return Split(images=images, labels=volumes.label[idx])
 
     empty = Split(np.zeros((0, *volumes.image.shape[1:]), np.float32), np.zeros(0, np.int32))
     dataset = Dataset(
-        name=name, train=split(train), val=empty, test=split(test), num_classes=classes
+        name=name, train=split(train, True), val=empty, test=split(test, False), num_classes=classes
     )
     return dataset, volumes.site[train]
