@@ -70,7 +70,7 @@ def _algorithm(model, name: str):
     return fedavg(loss, optax.sgd(0.5), optax.sgd(1.0), update_dp=update_dp, **kw)
 
 
-STREAMED = [("vmap", 0), ("scan", 0), ("loop", 0), ("shard_map", 2)]
+STREAMED = [("vmap", 0), ("loop", 0), ("shard_map", 2)]
 # FedAvg runs on every backend; for the other algorithms the default suite checks shard_map
 # (their own tests cover vmap, chunked and loop; shard_map runs scan within each device), and
 # the slow suite every backend.
@@ -149,7 +149,7 @@ def test_personalized_eval_and_local_only_agree_on_every_backend(tiny_model, tin
     train = make_client_arrays(COUNTS, n_slots=13)
     heldout = make_client_arrays([4, 3, 2, 5, 1, 6, 2, 3, 4, 5], n_slots=6, seed=1)
     accs, local = [], []
-    runs = [("vmap", 0, 0), ("loop", 0, 0), ("scan", 0, 0), ("shard_map", 8, 0), ("loop", 0, 4)]
+    runs = [("vmap", 0, 0), ("loop", 0, 0), ("shard_map", 8, 0), ("loop", 0, 4)]
     for strategy, devices, stream in runs:
         backend = _backend(strategy, devices, stream)
         evaluate = make_personalized_eval(

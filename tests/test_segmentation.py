@@ -219,13 +219,9 @@ def test_segmentation_round_matches_the_reference_loop_under_every_strategy(tiny
         make_loss(TASK, TINY.apply), optax.sgd(0.1), optax.sgd(1.0), batch_size=4, epochs=1
     )
     ref = reference_round(algorithm, tiny_params, arrays, range(4), 2, 0)
-    for strategy, devices in [
-        ("vmap", 0),
-        ("chunked", 0),
-        ("scan", 0),
-        ("loop", 0),
-        ("shard_map", 4),
-    ]:
+    # The backends are task-agnostic (tests/test_backends.py runs every one): one vmapped, one
+    # Python loop and one sharded here show the segmentation Task through each kind.
+    for strategy, devices in [("vmap", 0), ("loop", 0), ("shard_map", 4)]:
         backend = make_backend(strategy, chunk_size=3, devices=jax.devices()[:devices] or None)
         sim = Simulator(algorithm, arrays, seed=2, backend=backend, task=TASK)
         state, metrics = sim.run_round(algorithm.init(tiny_params), 0)
@@ -277,12 +273,17 @@ def test_seg_debug_config_learns(tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"dp.mode": "record", "dp.noise_multiplier": 1.0, "dp.clip_norm": 1.0},
+        pytest.param(  # DP-SGD through a U-Net: test_dp_sgd_with_a_unet_equals_a_per_example_loop
+            {"dp.mode": "record", "dp.noise_multiplier": 1.0, "dp.clip_norm": 1.0},
+            marks=pytest.mark.slow,
+        ),
         pytest.param(  # local update DP is task-agnostic: clips the update on the host
             {"dp.mode": "local_update", "dp.noise_multiplier": 0.5, "dp.clip_norm": 1.0},
             marks=pytest.mark.slow,
         ),
-        {"secure.aggregator": "secagg"},
+        # Secure aggregation is task-agnostic (host side): CKKS runs here, SecAgg+ in the slow
+        # suite and on classification.
+        pytest.param({"secure.aggregator": "secagg"}, marks=pytest.mark.slow),
         {"secure.aggregator": "ckks_ring"},
         pytest.param(  # Per-FedAvg + personalization also runs in the figure test
             {"algorithm.name": "perfedavg_fo", "personalization.enabled": True},
