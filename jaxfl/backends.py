@@ -464,6 +464,8 @@ class StreamingBackend:
         if chunk < 1:
             raise ValueError(f"StreamingBackend chunk must be >= 1, got {chunk}")
         self.inner = inner
+        # A chunk smaller than a sharded inner backend's device count leaves devices idle; it
+        # is still the user's bound on memory, so it is kept.
         self.chunk = int(chunk)
         self.name = inner.name
         self.description = f"{inner.description}, streaming {chunk} clients at a time from host"

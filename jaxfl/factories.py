@@ -475,12 +475,13 @@ def build_backend(config: ml_collections.ConfigDict, train: ClientArrays) -> Cli
     backend = make_backend(config.strategy, chunk_size=config.chunk_size)
     if data_placement(config, train) == "device":
         return backend
+    streaming = StreamingBackend(backend, config.chunk_size)
     logging.info(
         "Client data (%.2f GiB) stays on the host; %d clients at a time go to the device",
         tree_nbytes(train) / 2**30,
-        config.chunk_size,
+        streaming.chunk,
     )
-    return StreamingBackend(backend, config.chunk_size)
+    return streaming
 
 
 def build_host_aggregator(

@@ -146,3 +146,39 @@ def test_streamed_volumes_stay_lazy_and_equal_device_resident_ones(radchest_dir)
     for split in ("train", "heldout"):
         for name, value in getattr(device, split).examples.items():
             np.testing.assert_array_equal(np.asarray(getattr(stream, split).examples[name]), value)
+
+
+@pytest.mark.parametrize("key", [slice(None), slice(0, 4), slice(2, 7), slice(7, 9), slice(5, 5)])
+def test_flat_clients_read_the_slices_of_the_flattened_clients(key):
+    lazy = LazyRows(SOURCE, TABLE).map_clients(lambda c, x: x + 100 * c)
+    flat = np.asarray(lazy).reshape(-1, *SOURCE.shape[1:])
+    view = lazy.flat_clients()
+    assert len(view) == len(flat)
+    np.testing.assert_array_equal(view[key], flat[key])
+    with pytest.raises(TypeError, match="contiguous"):
+        view[::2]
+
+
+def test_held_out_evaluation_of_lazy_clients_equals_eager(tiny_model, tiny_params):
+    from jaxfl.tasks import CLASSIFICATION, evaluate_clients, make_stats_fn
+
+    rng = np.random.default_rng(2)
+    examples = {
+        "image": rng.normal(size=(30, 4, 4, 1)).astype(np.float32),
+        "label": rng.integers(0, 3, 30).astype(np.int32),
+    }
+    clients = [np.arange(0, 7), np.arange(7, 9), np.arange(9, 30)]
+    stats_fn = make_stats_fn(CLASSIFICATION, tiny_model.apply)
+    eager = evaluate_clients(
+        CLASSIFICATION, stats_fn, tiny_params, stack_clients(examples, clients), batch_size=8
+    )
+    lazy = evaluate_clients(
+        CLASSIFICATION,
+        stats_fn,
+        tiny_params,
+        stack_clients(examples, clients, lazy=True),
+        batch_size=8,
+    )
+    assert eager.keys() == lazy.keys()
+    for name in eager:
+        np.testing.assert_array_equal(lazy[name], eager[name])

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxfl.data.lazy import LazyRows, is_lazy
+from jaxfl.data.lazy import LazyRows, is_lazy, release_pages
 from jaxfl.types import ClientArrays, Dataset, FederatedData, Split
 
 # Guards floor(f * n) against float error, e.g. 0.3 * 10 = 2.9999999999999996.
@@ -87,6 +87,8 @@ def stack_clients(
         for c, ix in enumerate(idx):
             for name, v in examples.items():
                 out[name][c, : ix.size] = v[ix]
+        for v in examples.values():  # a memory-mapped source's pages: in `out` now
+            release_pages(v)
     return ClientArrays(examples=out, mask=mask, counts=counts)
 
 

@@ -115,6 +115,10 @@ class LazyRows:
             out[j, :n] = x
         return out
 
+    def flat_clients(self) -> FlatClients:
+        """These per-client rows ``[K, L, ...]`` as ``[K * L, ...]``, read by slices."""
+        return FlatClients(self)
+
     def map_clients(self, fn: ClientTransform, dtype: Any = None) -> LazyRows:
         """These rows with ``fn`` applied to each client's real rows when read."""
         return LazyRows(self.source, self.index, (*self.transforms, fn), dtype or self.dtype)
@@ -135,6 +139,35 @@ class LazyRows:
             sub = self.index[key[:d]]
             rows, picked, rest = self._gather(sub), sub.ndim, key[d:]
         return rows[(slice(None),) * picked + rest] if rest else rows
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+class FlatClients:
+    """A per-client :class:`LazyRows` ``[K, L, ...]`` seen as ``[K * L, ...]``: a slice reads
+    only the clients it spans (with their transforms), for evaluation in batches."""
+
+    def __init__(self, rows: LazyRows):
+        if rows.index.ndim != 2:
+            raise ValueError(f"flat_clients needs a [K, L] index, got {rows.index.shape}")
+        self.rows = rows
+        self.shape = (rows.shape[0] * rows.shape[1], *rows.shape[2:])
+        self.dtype = rows.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"FlatClients reads contiguous slices, got {key!r}")
+        start, stop, _ = key.indices(len(self))
+        stop = max(stop, start)
+        per = self.rows.shape[1]
+        first, last = start // per, -(-stop // per)
+        clients = self.rows.take_clients(np.arange(first, last)).reshape(-1, *self.shape[1:])
+        return clients[start - first * per : stop - first * per]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[:]

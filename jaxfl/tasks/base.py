@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxfl.data.lazy import is_lazy
 from jaxfl.types import Batch, ClientArrays, LossFn, Params
 
 ApplyFn = Callable[..., jax.Array]
@@ -72,7 +73,7 @@ class Task:
         self, stats: Mapping[str, np.ndarray], examples: Batch, valid: np.ndarray
     ) -> dict[str, float]:
         """Metrics of one client's held-out split (``[N, ...]``, real examples where ``valid``);
-        NaN when it has none."""
+        NaN when it has none. ``examples`` holds every feature but the input (the targets)."""
         raise NotImplementedError
 
     def check(self, examples: Batch, num_classes: int, where: str) -> None:
@@ -150,9 +151,12 @@ def evaluate_split(
 def client_summaries(
     task: Task, stats: Mapping[str, Any], heldout: ClientArrays
 ) -> dict[str, np.ndarray]:
-    """Per-client metrics ``name -> [K]`` from per-example stats ``[K, N, ...]``."""
+    """Per-client metrics ``name -> [K]`` from per-example stats ``[K, N, ...]``.
+
+    The input feature is not read: metrics come from the stats and the targets (so streamed
+    volumes are not all read again)."""
     stats = {k: np.asarray(v) for k, v in stats.items()}
-    examples = {k: np.asarray(v) for k, v in heldout.examples.items()}
+    examples = {k: np.asarray(v) for k, v in heldout.examples.items() if k != task.input_key}
     mask = np.asarray(heldout.mask) > 0
     rows = [
         task.client_metrics(
@@ -169,10 +173,14 @@ def evaluate_clients(
 ) -> dict[str, np.ndarray]:
     """ONE global model on every client's held-out split: ``name -> [K]`` (NaN if empty).
 
-    All clients share the parameters, so their padded examples are evaluated as one flat batch.
+    All clients share the parameters, so their padded examples are evaluated as one flat batch
+    (lazy features are read batch by batch, the same batches).
     """
     k, n = heldout.mask.shape[:2]
-    flat = {key: np.asarray(v).reshape(k * n, *v.shape[2:]) for key, v in heldout.examples.items()}
+    flat = {
+        key: v.flat_clients() if is_lazy(v) else np.asarray(v).reshape(k * n, *v.shape[2:])
+        for key, v in heldout.examples.items()
+    }
     stats = batched_stats(stats_fn, params, flat, batch_size)
     stats = {key: v.reshape(k, n, *v.shape[1:]) for key, v in stats.items()}
     return client_summaries(task, stats, heldout)
