@@ -1,0 +1,159 @@
+"""Gradient inversion: what an unprotected gradient leaks, and what noise hides."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxfl.attacks import AttackConfig, invert, match_reconstructions, psnr, recover_labels, ssim
+
+SHAPE = (1, 6, 6, 1)
+CLASSES = 3
+RANGE = (-1.0, 1.0)
+
+
+class SigmoidMLP(nn.Module):
+    """DLG's setting in miniature: smooth activations, every pixel in the first layer."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.sigmoid(nn.Dense(32)(x.reshape(x.shape[0], -1)))
+        return nn.Dense(CLASSES)(x)
+
+
+MODEL = SigmoidMLP()
+
+
+def grad_fn(params, images, soft_labels):
+    def loss(p):
+        logits = MODEL.apply({"params": p}, images)
+        return optax.softmax_cross_entropy(logits, soft_labels).mean()
+
+    return jax.grad(loss)(params)
+
+
+@pytest.fixture(scope="module")
+def target():
+    params = MODEL.init(jax.random.key(0), jnp.zeros(SHAPE))["params"]
+    # A smooth image (a blob on a ramp), in the data range.
+    yy, xx = np.mgrid[0:6, 0:6] / 5.0
+    image = np.clip(
+        0.8 * np.exp(-((xx - 0.6) ** 2 + (yy - 0.4) ** 2) / 0.1) + 0.3 * xx - 0.5, -1, 1
+    )
+    image = jnp.asarray(image, jnp.float32)[None, ..., None]
+    label = jnp.array([2])
+    observed = grad_fn(params, image, jax.nn.one_hot(label, CLASSES))
+    return params, image, label, observed
+
+
+def test_idlg_recovers_the_label_and_the_image_from_one_gradient(target):
+    params, image, label, observed = target
+    out = params["Dense_1"]
+    labels = recover_labels(observed["Dense_1"]["kernel"], observed["Dense_1"]["bias"])
+    assert labels.tolist() == label.tolist()
+    assert out["kernel"].shape == (32, CLASSES)
+    config = AttackConfig(method="idlg", steps=150, learning_rate=0.1, restarts=2)
+    result = invert(grad_fn, params, observed, jax.random.key(1), SHAPE, CLASSES, config, labels)
+    assert float(psnr(image, result["images"], RANGE)[0]) > 30.0
+    assert float(ssim(image, result["images"], RANGE)[0]) > 0.99
+    # Negative control: a random image of the same range is far from it.
+    noise = jax.random.uniform(jax.random.key(9), SHAPE, minval=-1, maxval=1)
+    assert float(psnr(image, noise, RANGE)[0]) < 15.0
+
+
+def test_labels_from_the_sign_of_the_output_layer_gradient_are_always_right():
+    params = MODEL.init(jax.random.key(3), jnp.zeros(SHAPE))["params"]
+    hits = []
+    for i in range(20):
+        x = jax.random.uniform(jax.random.key(100 + i), SHAPE, minval=-1, maxval=1)
+        y = jnp.array([i % CLASSES])
+        g = grad_fn(params, x, jax.nn.one_hot(y, CLASSES))["Dense_1"]
+        # With the bias, and from the kernel alone (sigmoid features are positive).
+        hits.append(int(recover_labels(g["kernel"], g["bias"])[0]) == int(y[0]))
+        hits.append(int(recover_labels(g["kernel"])[0]) == int(y[0]))
+    assert all(hits)
+
+
+def test_large_noise_on_the_gradient_defeats_the_attack(target):
+    params, image, label, observed = target
+    # Local DP's Gaussian noise, far above the gradient's scale.
+    leaves, tree = jax.tree.flatten(observed)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    noisy = jax.tree.unflatten(
+        tree, [g + 1.0 * jax.random.normal(k, g.shape) for g, k in zip(leaves, keys, strict=True)]
+    )
+    config = AttackConfig(method="idlg", steps=150, learning_rate=0.1, restarts=2)
+    result = invert(grad_fn, params, noisy, jax.random.key(1), SHAPE, CLASSES, config, label)
+    assert float(psnr(image, result["images"], RANGE)[0]) < 15.0
+
+
+def test_vmapped_restarts_equal_a_loop_of_single_restarts(target):
+    params, _, label, observed = target
+    config = AttackConfig(method="inverting", steps=20, learning_rate=0.1, restarts=2)
+    key = jax.random.key(5)
+    batch = invert(grad_fn, params, observed, key, SHAPE, CLASSES, config, label)
+    one = AttackConfig(method="inverting", steps=20, learning_rate=0.1, restarts=1)
+    for r in range(2):
+        single = invert(grad_fn, params, observed, key, SHAPE, CLASSES, one, label, first_restart=r)
+        np.testing.assert_allclose(single["losses"][0], batch["losses"][r], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(single["images"], batch["all_images"][r], rtol=1e-4, atol=1e-5)
+    assert int(np.argmin(batch["losses"])) == int(np.argmin([float(x) for x in batch["losses"]]))
+
+
+def test_dlg_optimizes_soft_labels_and_idlg_needs_labels(target):
+    params, _, label, observed = target
+    config = AttackConfig(method="dlg", steps=200, learning_rate=0.1)
+    result = invert(grad_fn, params, observed, jax.random.key(2), SHAPE, CLASSES, config)
+    assert result["label_probs"].shape == (1, CLASSES)
+    assert int(jnp.argmax(result["label_probs"][0])) == int(label[0])
+    with pytest.raises(ValueError, match="recover_labels"):
+        invert(grad_fn, params, observed, jax.random.key(2), SHAPE, CLASSES, AttackConfig())
+    with pytest.raises(ValueError, match="choose one of"):
+        AttackConfig(method="gan")
+
+
+def test_each_original_is_matched_to_its_best_reconstruction():
+    rng = np.random.default_rng(0)
+    originals = jnp.asarray(rng.uniform(-1, 1, (3, 8, 8, 1)), jnp.float32)
+    noisy = originals + 0.05 * jnp.asarray(rng.normal(size=originals.shape), jnp.float32)
+    shuffled = noisy[jnp.array([2, 0, 1])]
+    match = match_reconstructions(originals, shuffled, RANGE)
+    assert match["index"].tolist() == [1, 2, 0]
+    np.testing.assert_allclose(match["psnr"], psnr(originals, noisy, RANGE), rtol=1e-6)
+    assert np.all(np.asarray(match["ssim"]) > 0.9)
+    # SSIM of unrelated images is near zero; of an image with itself, one.
+    assert float(ssim(originals[:1], originals[1:2], RANGE)[0]) < 0.3
+    np.testing.assert_allclose(ssim(originals, originals, RANGE), 1.0, rtol=1e-5)
+
+
+def test_many_targets_in_one_call_equal_one_call_each(target):
+    from jaxfl.attacks import invert_many
+
+    params, image, label, _ = target
+    images = jnp.concatenate([image, -image, jnp.flip(image, 1)])[:, None]  # 3 targets, batch 1
+    labels = jnp.array([[2], [0], [1]])
+    observed = jax.vmap(lambda x, y: grad_fn(params, x, jax.nn.one_hot(y, CLASSES)))(images, labels)
+    keys = jax.random.split(jax.random.key(4), 3)
+    config = AttackConfig(method="idlg", steps=20, restarts=2)
+    many = invert_many(grad_fn, params, observed, keys, SHAPE, CLASSES, config, labels)
+    for t in range(3):
+        obs = jax.tree.map(lambda g, t=t: g[t], observed)
+        one = invert(grad_fn, params, obs, keys[t], SHAPE, CLASSES, config, labels[t])
+        np.testing.assert_allclose(many["images"][t], one["images"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_multi_step_fedavg_update_still_leaks_the_image(target):
+    from jaxfl.attacks import local_update_fn
+
+    params, image, label, _ = target
+    update = local_update_fn(grad_fn, learning_rate=0.5, steps=3)
+    observed = update(params, image, jax.nn.one_hot(label, CLASSES))
+    config = AttackConfig(
+        method="inverting", steps=300, learning_rate=0.1, tv_weight=0.0, restarts=2
+    )
+    result = invert(update, params, observed, jax.random.key(1), SHAPE, CLASSES, config, label)
+    assert float(psnr(image, result["images"], RANGE)[0]) > 25.0
