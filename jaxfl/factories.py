@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,9 +64,9 @@ from jaxfl.data.volumes import (
 from jaxfl.errors import ConfigError
 from jaxfl.models import get_model
 from jaxfl.personalize import LocalOnly, PersonalizedEval, make_personalized_eval
-from jaxfl.privacy.plan import PrivacyPlan
+from jaxfl.privacy.plan import PrivacyPlan, plan_privacy
 from jaxfl.secure.aggregators import HostAggregator, make_host_aggregator
-from jaxfl.simulate import Simulator
+from jaxfl.simulate import INIT_STREAM, Simulator, num_sampled_clients
 from jaxfl.tasks import CLASSIFICATION, Task, make_loss
 from jaxfl.tasks.seg_ops import IGNORE_LABEL, balanced_class_weights
 from jaxfl.tasks.segmentation import Segmentation
@@ -587,3 +589,44 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     """The flax model named by ``config.model.name``."""
     kwargs = {k: v for k, v in config.model.items() if k != "name"}
     return get_model(config.model.name, num_classes, **kwargs)
+
+
+class Simulation(NamedTuple):
+    """Everything a run of ``config`` is built from: its data, task, model, privacy plan, round
+    runner (with its algorithm; None for local-only) and the initial global ``params``."""
+
+    fed: FederatedData
+    task: Task
+    model: Any
+    privacy: PrivacyPlan
+    runner: Simulator | LocalOnly
+    algorithm: FederatedAlgorithm | None
+    params: Any
+
+
+def build_simulation(
+    config: ml_collections.ConfigDict,
+    fed: FederatedData,
+    *,
+    noise_history: Sequence[float] = (),
+    privacy: PrivacyPlan | None = None,
+) -> Simulation:
+    """The run of ``config`` over ``fed``: privacy planned for its clients (``noise_history``:
+    the noise of rounds a resumed run already ran), or the given ``privacy`` plan (an audit's
+    variant of it), then the runner and the initial params (from the seed's init stream)."""
+    task = build_task(config, fed)
+    model = build_model(config, fed.num_classes)
+    sampling = clients_per_round(config)
+    rate = poisson_rate(config)
+    if privacy is None:
+        privacy = plan_privacy(
+            config,
+            np.asarray(fed.train.counts),
+            num_sampled_clients(sampling, config.num_clients),
+            poisson_rate=rate,
+            history=noise_history,
+        )
+    runner, algorithm = build_runner(config, task, model, fed.train, privacy, sampling, rate)
+    init_key = jax.random.fold_in(jax.random.key(config.seed), INIT_STREAM)
+    params = init_params(model, fed.train.examples[task.input_key][0], init_key)
+    return Simulation(fed, task, model, privacy, runner, algorithm, params)

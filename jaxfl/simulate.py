@@ -105,6 +105,19 @@ def _client_output(algorithm: FederatedAlgorithm, shared: tuple, data, cid, vali
     return ravel_pytree(out.update)[0], out.weight
 
 
+def _trial_outputs(algorithm, client_stream, broadcast, data, rounds, valid):
+    """``_client_output`` of every client ``[K]`` in every round of ``rounds [R]``."""
+    ids = jnp.arange(valid.shape[0], dtype=jnp.int32)
+
+    def one_round(r):
+        shared = (broadcast, client_stream, r)
+        return jax.vmap(lambda d, c, v: _client_output(algorithm, shared, d, c, v))(
+            data, ids, valid
+        )
+
+    return jax.vmap(one_round)(rounds)
+
+
 def _finish(
     algorithm: FederatedAlgorithm,
     server_stream: jax.Array,
@@ -184,7 +197,14 @@ class Simulator:
         self._finish = jax.jit(functools.partial(_finish, algorithm))
         self.host_aggregator = host_aggregator
         self._unravel_fn = None
+        self._releases = None
         self._server_update = jax.jit(algorithm.server_update)
+        self._aggregate = jax.jit(
+            lambda stream, total, weight, r: algorithm.aggregate(
+                total, weight, jax.random.fold_in(stream, r)
+            )
+        )
+        self._trials = jax.jit(functools.partial(_trial_outputs, algorithm, self.client_stream))
         if jax.default_backend() == "cpu" and self.strategy in ("loop", "scan", "shard_map"):
             tune_cpu_malloc()
 
@@ -218,28 +238,102 @@ class Simulator:
             return self.client_stream, self.server_stream
         return os_key(), os_key()
 
-    def run_round(self, state: ServerState, round_idx: int) -> tuple[ServerState, dict[str, float]]:
-        """One federated round; returns the new server state and host-side round metrics."""
+    def _round_inputs(self, state: ServerState, round_idx: int):
+        """``(shared, slots, selected, server_stream)`` of a round: what the backend maps."""
         ids = self.sample_clients(round_idx)
-        r = jnp.asarray(round_idx, jnp.int32)
         client_stream, server_stream = self.round_streams()
         # A Poisson sample has a random size: backends keep their static shapes by running
         # every client slot with the unsampled ones marked invalid (weight 0, no steps).
         slots = np.arange(self.num_clients, dtype=np.int32) if self.poisson_rate else ids
         selected = np.isin(slots, ids)
-        shared = (self.algorithm.broadcast(state), client_stream, r)
+        shared = (self.algorithm.broadcast(state), client_stream, jnp.int32(round_idx))
+        return shared, slots, selected, server_stream
+
+    def run_round(self, state: ServerState, round_idx: int) -> tuple[ServerState, dict[str, float]]:
+        """One federated round; returns the new server state and host-side round metrics."""
+        shared, slots, selected, server_stream = self._round_inputs(state, round_idx)
         if self.host_aggregator is not None:
             return self._run_round_host(state, shared, slots, selected, round_idx)
         agg = self._sum(shared, self._train_c, slots, selected, costs=self._costs[slots])
-        state, sums = self._finish(server_stream, state, agg, r)
-        return state, round_metrics(self.task, sums, len(ids))
+        state, sums = self._finish(server_stream, state, agg, shared[2])
+        return state, round_metrics(self.task, sums, int(selected.sum()))
+
+    def _host_outputs(self, shared, slots, selected) -> tuple[np.ndarray, np.ndarray]:
+        """Every slot's ``(flat update [S, D], weight [S])`` on the host."""
+        out = self._outputs(shared, self._train_c, slots, selected, costs=self._costs[slots])
+        return tuple(np.asarray(x) for x in out)
+
+    def client_outputs(self, state: ServerState, round_idx: int) -> dict[str, np.ndarray]:
+        """What the clients of ``round_idx`` send at the aggregation boundary, exactly as
+        :meth:`run_round` computes it (DP noise included): ``clients [S]`` ids, ``updates
+        [S, D]`` flat (``ravel_pytree`` order) and ``weights [S]``. This is what a host
+        aggregator receives, and what an attacker at an unprotected server sees."""
+        shared, slots, selected, _ = self._round_inputs(state, round_idx)
+        flat, weights = self._host_outputs(shared, slots, selected)
+        keep = selected
+        return {"clients": slots[keep], "updates": flat[keep], "weights": weights[keep]}
+
+    def released_update(self, state: ServerState, round_idx: int) -> np.ndarray:
+        """The mean update ``[D]`` that ``round_idx`` applies to the global model: the secure
+        aggregator's output, or the algorithm's aggregate (central DP noise included). This is
+        what an observer of the global model, or a server behind secure aggregation, sees."""
+        shared, slots, selected, server_stream = self._round_inputs(state, round_idx)
+        flat, weights = self._host_outputs(shared, slots, selected)
+        if self.host_aggregator is not None:
+            return np.asarray(self.host_aggregator.aggregate(flat, weights, round_idx).mean)
+        unravel, _ = self._unravel(shared)
+        total = unravel(jnp.asarray(weights @ flat, jnp.float32))
+        mean = self._aggregate(server_stream, total, jnp.float32(weights.sum()), shared[2])
+        return np.asarray(ravel_pytree(mean)[0])
+
+    def trial_outputs(
+        self,
+        state: ServerState,
+        rounds: np.ndarray,
+        valid: np.ndarray | None = None,
+        train: ClientArrays | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Every client's ``(flat update [R, K, D], weight [R, K])`` as sent in each of
+        ``rounds`` from the same ``state``: fresh local-training and DP draws per round, the
+        pipeline's own client function, vmapped over clients and rounds on one device (for
+        privacy audits of few small clients). ``valid [K]``: clients taking part (default all);
+        ``train``: other client arrays shaped like the simulator's (a neighbouring dataset)."""
+        valid = np.ones(self.num_clients, bool) if valid is None else np.asarray(valid, bool)
+        data = client_rows(self.train if train is None else train)
+        broadcast = self.algorithm.broadcast(state)
+        return self._trials(broadcast, data, jnp.asarray(rounds, jnp.int32), jnp.asarray(valid))
+
+    def trial_releases(
+        self,
+        state: ServerState,
+        rounds: np.ndarray,
+        valid: np.ndarray | None = None,
+        train: ClientArrays | None = None,
+    ) -> jax.Array:
+        """The released mean update ``[R, D]`` of each of ``rounds`` from the same ``state``,
+        with only ``valid [K]`` clients (of ``train``, default the simulator's) taking part: the
+        aggregate's own noise (central DP) drawn per round. Host (secure) aggregation is not
+        vmapped: use :meth:`released_update`."""
+        if self.host_aggregator is not None:
+            raise ValueError(
+                "trial_releases runs the aggregate on the device; with a host aggregator call "
+                "released_update once per round instead."
+            )
+        flat, weights = self.trial_outputs(state, rounds, valid, train)
+        if self._releases is None:
+            shared = (self.algorithm.broadcast(state), self.client_stream, jnp.int32(0))
+            unravel, _ = self._unravel(shared)
+
+            def one(f, w, r):
+                key = jax.random.fold_in(self.server_stream, r)
+                return ravel_pytree(self.algorithm.aggregate(unravel(w @ f), w.sum(), key))[0]
+
+            self._releases = jax.jit(jax.vmap(one))
+        return self._releases(flat, weights, jnp.asarray(rounds, jnp.int32))
 
     def _run_round_host(self, state, shared, slots, selected, round_idx):
         """A round whose aggregation runs on the host (secure aggregation)."""
-        flat, weights = (
-            np.asarray(x)
-            for x in self._outputs(shared, self._train_c, slots, selected, costs=self._costs[slots])
-        )
+        flat, weights = self._host_outputs(shared, slots, selected)
         unravel, size = self._unravel(shared)
         # Only the protocol's output leaves the clients: per-client training sums (loss,
         # accuracy, examples, steps, clipping) would travel in the clear, so none is reported.

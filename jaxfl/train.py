@@ -22,8 +22,7 @@ from jaxfl.errors import WorkdirError
 from jaxfl.metrics import read_metrics
 from jaxfl.models import count_params
 from jaxfl.privacy import accounting
-from jaxfl.privacy.plan import plan_privacy, uncovered_metrics
-from jaxfl.simulate import INIT_STREAM, num_sampled_clients
+from jaxfl.privacy.plan import uncovered_metrics
 from jaxfl.tasks import evaluate_clients, evaluate_split, make_stats_fn
 from jaxfl.types import FederatedData
 from jaxfl.validate import validate_config, validate_dataset
@@ -103,30 +102,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     fed = load_federated_data(config)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-    task = factories.build_task(config, fed)
-    model = factories.build_model(config, fed.num_classes)
-    sampling = factories.clients_per_round(config)
-    rate = factories.poisson_rate(config)
     checkpointer = Checkpointer(workdir, config.checkpoint_every)
     start_round = min(checkpointer.latest_round(), config.rounds)
     try:
         # The noise each checkpointed round used: epsilon composes what actually ran.
         noise_history = checkpointer.ledger().get("noise_multipliers", [])[:start_round]
-        privacy = plan_privacy(
-            config,
-            np.asarray(fed.train.counts),
-            num_sampled_clients(sampling, config.num_clients),
-            poisson_rate=rate,
-            history=noise_history,
-        )
+        sim = factories.build_simulation(config, fed, noise_history=noise_history)
     except Exception:
         checkpointer.close()
         raise
-    runner, algorithm = factories.build_runner(
-        config, task, model, fed.train, privacy, sampling, rate
-    )
-    init_key = jax.random.fold_in(jax.random.key(config.seed), INIT_STREAM)
-    params = factories.init_params(model, fed.train.examples[task.input_key][0], init_key)
+    task, model, privacy, runner, algorithm, params = sim[1:]
     personalized_eval = factories.build_personalized_eval(config, task, model, runner.backend)
     stats_fn = make_stats_fn(task, model.apply)
     state = runner.init(params)

@@ -1,5 +1,6 @@
 """Privacy attacks against what jaxfl's clients send: gradient inversion (DLG, iDLG, inverting
-gradients)."""
+gradients), membership inference (loss threshold, shadow-free likelihood ratio) and the
+empirical epsilon audit of every DP mode."""
 
 from jaxfl.attacks.inversion import (
     ATTACKS,

@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxfl.models.cnn import SmallCNN
 from jaxfl.models.densenet import DenseNet, densenet121
+from jaxfl.models.mlp import MLP
 from jaxfl.models.resnet import DPResNet
 from jaxfl.models.unet import UNet
 
@@ -18,6 +19,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "cnn": SmallCNN,
     "dpresnet": DPResNet,
     "densenet": DenseNet,
+    "mlp": MLP,
     "unet": UNet,
 }
 
@@ -25,6 +27,7 @@ __all__ = [
     "MODELS",
     "DPResNet",
     "DenseNet",
+    "MLP",
     "SmallCNN",
     "UNet",
     "count_params",
