@@ -157,3 +157,91 @@ def test_a_multi_step_fedavg_update_still_leaks_the_image(target):
     )
     result = invert(update, params, observed, jax.random.key(1), SHAPE, CLASSES, config, label)
     assert float(psnr(image, result["images"], RANGE)[0]) > 25.0
+
+
+def _pipeline_config(**overrides):
+    """8 clients of one synthetic 8x8 image each, a sigmoid MLP, one SGD step: iDLG's setting
+    through jaxfl's own round."""
+    from jaxfl.defaults import default_config
+
+    c = default_config()
+    c.data.image_shape, c.data.n_train, c.data.n_val, c.data.n_test = (8, 8, 1), 64, 8, 16
+    c.num_clients, c.partition.name, c.partition.heldout_fraction = 8, "iid", 0.0
+    c.model.name, c.model.hidden, c.strategy, c.rounds = "mlp", (32,), "vmap", 1
+    c.local.optimizer, c.local.learning_rate, c.local.batch_size, c.local.epochs = (
+        "sgd", 0.1, 1, 1,
+    )  # fmt: skip
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        c[section][field] = value
+    return c
+
+
+PIPELINE_ATTACK = AttackConfig(method="idlg", steps=200, learning_rate=0.1, restarts=2)
+
+
+@pytest.fixture(scope="module")
+def pipeline_fed():
+    from jaxfl.train import load_federated_data
+
+    return load_federated_data(_pipeline_config())
+
+
+def test_idlg_through_the_pipeline_recovers_a_clients_image_from_what_it_sends(pipeline_fed):
+    from jaxfl.attacks.threats import invert_round
+
+    out = invert_round(_pipeline_config(), pipeline_fed, "client_update", PIPELINE_ATTACK)
+    assert out["label_accuracy"] == 1.0
+    assert out["psnr"] > 30.0
+    # A 3-step FedAvg update (the algorithm's own local training, matched exactly).
+    multi = invert_round(
+        _pipeline_config(local__epochs=3), pipeline_fed, "client_update", PIPELINE_ATTACK
+    )
+    assert multi["psnr"] > 30.0
+
+
+def test_large_local_dp_noise_defeats_the_attack(pipeline_fed):
+    from jaxfl.attacks.threats import invert_round
+
+    config = _pipeline_config(dp__mode="local_update", dp__noise_multiplier=1.0, dp__clip_norm=1.0)
+    out = invert_round(config, pipeline_fed, "client_update", PIPELINE_ATTACK)
+    assert out["psnr"] < 15.0
+
+
+@pytest.mark.parametrize("aggregator", ["secagg", "ckks"])
+def test_a_secure_aggregate_of_8_clients_gives_no_more_than_the_dataset_mean(
+    pipeline_fed, aggregator
+):
+    from jaxfl.attacks.threats import invert_round
+
+    config = _pipeline_config(secure__aggregator=aggregator)
+    out = invert_round(config, pipeline_fed, "aggregate", PIPELINE_ATTACK)
+    assert out["clients_aggregated"] == 8
+    assert out["psnr"] < out["mean_image_psnr"] + 1.0
+    with pytest.raises(ValueError, match="no single client's update"):
+        invert_round(config, pipeline_fed, "client_update", PIPELINE_ATTACK)
+
+
+def test_a_client_with_a_static_count_trains_exactly_like_a_traced_one():
+    """The attacker's replica (a numpy count: a scan) equals the pipeline's while_loop."""
+    from jaxfl.algorithms.local import local_train
+    from jaxfl.types import ClientData
+
+    params = MODEL.init(jax.random.key(0), jnp.zeros(SHAPE))["params"]
+    x = jax.random.uniform(jax.random.key(1), (5, 6, 6, 1))
+    batch = {"image": x, "label": jnp.array([0, 1, 2, 0, 1])}
+
+    def loss_fn(p, b, mask):
+        logits = MODEL.apply({"params": p}, b["image"])
+        per = optax.softmax_cross_entropy_with_integer_labels(logits, b["label"])
+        return jnp.sum(per * mask) / jnp.maximum(mask.sum(), 1.0), {"loss_sum": jnp.sum(per * mask)}
+
+    def train(count):
+        data = ClientData(batch, jnp.ones(5), count)
+        kw = dict(batch_size=2, epochs=2)
+        return local_train(loss_fn, optax.sgd(0.1), params, data, jax.random.key(2), **kw)
+
+    static, traced = train(np.int32(5)), jax.jit(train)(jnp.int32(5))
+    assert int(static.num_steps) == int(traced.num_steps) == 6
+    for a, b in zip(jax.tree.leaves(static.params), jax.tree.leaves(traced.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

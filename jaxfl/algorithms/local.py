@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxfl.privacy.dp_sgd import DPSGD, gradient_of, privatize
@@ -227,13 +228,16 @@ def local_train(
     ``j mod b`` of shuffle ``j // b``. With ``dp``, every batch is a DP-SGD draw
     (:func:`dp_oracle`). The optimizer state starts fresh, as in the reference systems.
     """
-    count = data.count.astype(jnp.int32)
+    # A count known when tracing (a numpy integer: a gradient-inversion attacker's replica of
+    # one client) fixes the step count, so the steps run as a reverse-differentiable scan.
+    static = isinstance(data.count, np.integer)
+    count = int(data.count) if static else data.count.astype(jnp.int32)
     bpe = batches_per_epoch(count, batch_size)
     per_epoch = rule.steps_per_epoch(bpe)
     if steps is None:
         total_steps = epochs * per_epoch
     else:
-        total_steps = jnp.asarray(steps, jnp.int32)
+        total_steps = int(steps) if static else jnp.asarray(steps, jnp.int32)
         epochs = max(int(steps), 1)  # at most one shuffle per step
     if dp is None:
         oracle = minibatch_oracle(
@@ -261,5 +265,10 @@ def local_train(
 
     zero = jnp.zeros((), jnp.float32)
     init = (jnp.zeros((), jnp.int32), params, optimizer.init(params), {k: zero for k in sums_shape})
-    n, p, _, sums = jax.lax.while_loop(lambda c: c[0] < total_steps, body, init)
+    if not static:
+        n, p, _, sums = jax.lax.while_loop(lambda c: c[0] < total_steps, body, init)
+    else:
+        (n, p, _, sums), _ = jax.lax.scan(
+            lambda c, _: (body(c), None), init, None, length=int(total_steps)
+        )
     return LocalResult(p, sums, n)
