@@ -16,7 +16,8 @@ import ml_collections
 # shift dicts.
 # model.base_features/depth/groups are the U-Net's widths (jaxfl.models.UNet); growth_rate,
 # block_config, init_features, bn_size, compression, hidden, norm and stem_kernel the DenseNet's
-# (jaxfl.models.DenseNet; DenseNet-121: growth_rate 32, block_config (6, 12, 24, 16)).
+# (jaxfl.models.DenseNet; DenseNet-121: growth_rate 32, block_config (6, 12, 24, 16)); hidden
+# and activation the MLP's (jaxfl.models.MLP).
 OPTIONAL_FIELDS = (
     "partition.seed",
     "heterogeneity.clients",
@@ -31,6 +32,7 @@ OPTIONAL_FIELDS = (
     "model.hidden",
     "model.norm",
     "model.stem_kernel",
+    "model.activation",
 )
 
 
@@ -196,6 +198,34 @@ def default_config() -> ml_collections.ConfigDict:
                 symmetric=True,
                 ring_sigma=1e4,  # ckks_ring: std of the initiator's mask R (PPPML-HMI)
             ),
+        )
+    )
+    # The privacy audit (python -m experiments.attack; jaxfl/attacks/report.py): what is
+    # attacked, in order (jaxfl.attacks.report.PROTECTIONS), the gradient inversion
+    # (jaxfl.attacks.AttackConfig; PPPML-HMI's iDLG: Adam lr 0.1, 900 steps), the DP of the
+    # protected rows, and how much evidence the membership and epsilon audits gather.
+    config.attack = ml_collections.ConfigDict(
+        dict(
+            protections=(
+                "none",
+                "none_aggregate",
+                "record_dp",
+                "local_update_dp",
+                "user_level_dp",
+                "secagg",
+                "ckks",
+                "broken_dp",
+            ),
+            method="idlg",
+            steps=900,
+            learning_rate=0.1,
+            tv_weight=1e-4,
+            restarts=4,
+            batch=1,  # images per client in the attacked round
+            noise_multiplier=1.0,
+            clip_norm=1.0,
+            audit_trials=2000,  # per world, for the empirical epsilon
+            mia_rounds=20,  # rounds trained before membership inference
         )
     )
     config.rounds = 10

@@ -19,6 +19,7 @@ from jaxfl.attacks.membership import (
     likelihood_ratio_scores,
     loss_threshold_scores,
     roc_auc,
+    statistics_fn,
     tpr_at_fpr,
 )
 from jaxfl.defaults import default_config
@@ -136,7 +137,8 @@ def overfit():
 
 def test_loss_threshold_mia_separates_an_overfit_model_and_not_an_unseen_set(overfit):
     model, _, x, y, models = overfit
-    stats = [example_statistics(model.apply, models[0], x[i], y[i]) for i in range(5)]
+    fn = statistics_fn(model.apply)
+    stats = [example_statistics(fn, models[0], x[i], y[i]) for i in range(5)]
     seen = attack_summary(
         loss_threshold_scores(stats[0]["loss"]), loss_threshold_scores(stats[4]["loss"])
     )
@@ -152,7 +154,8 @@ def test_loss_threshold_mia_separates_an_overfit_model_and_not_an_unseen_set(ove
 def test_shadow_free_likelihood_ratio_uses_models_that_did_not_see_the_example(overfit):
     model, init, x, y, models = overfit
     target = models[0]
-    phi = lambda p, i: example_statistics(model.apply, p, x[i], y[i])["phi"]  # noqa: E731
+    fn = statistics_fn(model.apply)
+    phi = lambda p, i: example_statistics(fn, p, x[i], y[i])["phi"]  # noqa: E731
     refs_members = np.stack([phi(models[j], 0) for j in (1, 2, 3)])
     refs_non = np.stack([phi(models[j], 4) for j in (1, 2, 3)])
     members = likelihood_ratio_scores(phi(target, 0), refs_members)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax
 import ml_collections
 import numpy as np
 from scipy import stats
@@ -95,6 +96,11 @@ def without_noise(privacy: PrivacyPlan) -> PrivacyPlan:
     return privacy
 
 
+def _only_client(train: ClientArrays, client: int) -> ClientArrays:
+    """``train`` cut to ``client`` alone (a leading axis of 1)."""
+    return jax.tree.map(lambda a: np.asarray(a)[client : client + 1], train)
+
+
 def _without_last_record(train: ClientArrays, client: int) -> ClientArrays:
     """``train`` with ``client``'s last real example masked out (its record-level neighbour)."""
     counts = np.array(train.counts)
@@ -162,8 +168,12 @@ def audit_dp(
     k = fed.train.num_clients
     everyone = np.ones(k, bool)
     if mode == "record":
-        canary = _with_flipped_label(fed.train, 0, fed.num_classes)
-        worlds = [(canary, everyone), (_without_last_record(canary, 0), everyone)]
+        # What client 0 sends depends on its data alone: run it alone.
+        canary = _with_flipped_label(_only_client(fed.train, 0), 0, fed.num_classes)
+        worlds = [(canary, everyone[:1]), (_without_last_record(canary, 0), everyone[:1])]
+    elif mode == "local_update":
+        alone = _only_client(fed.train, 0)
+        worlds = [(alone, everyone[:1]), (alone, ~everyone[:1])]
     else:
         worlds = [(fed.train, everyone), (fed.train, np.arange(k) != 0)]
     # The white-box auditor's direction: the canary world's noise-free observation minus the

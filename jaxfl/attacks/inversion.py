@@ -170,10 +170,17 @@ def invert(
     keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(
         first_restart + jnp.arange(config.restarts)
     )
-    run = jax.vmap(
-        lambda k: _one_restart(grad_fn, params, observed, k, shape, num_classes, labels, config)
+    # One program for every restart (params and the observation are arguments, not constants
+    # folded into it); eager dispatch would compile each op of the final evaluation apart.
+    run = jax.jit(
+        jax.vmap(
+            lambda k, p, obs, lab: _one_restart(
+                grad_fn, p, obs, k, shape, num_classes, lab, config
+            ),
+            in_axes=(0, None, None, None),
+        )
     )
-    images, probs, losses = run(keys)
+    images, probs, losses = run(keys, params, observed, labels)
     best = jnp.argmin(losses)
     return {
         "images": images[best],
@@ -234,10 +241,15 @@ def psnr(
 def ssim(
     reference: jax.Array, reconstruction: jax.Array, value_range: tuple[float, float]
 ) -> jax.Array:
-    """Structural similarity (dm-pix, 11-pixel Gaussian window) per 2D image of ``[B, H, W, C]``
-    pairs, both mapped from ``value_range`` onto [0, 1]; windows shrink to fit small images."""
+    """Structural similarity (dm-pix, 11-pixel Gaussian window) per image of ``[B, H, W, C]``
+    pairs, both mapped from ``value_range`` onto [0, 1]; windows shrink to fit small images. A
+    volume ``[B, D, H, W, C]`` scores the mean over its ``D`` slices."""
     lo, hi = value_range
     a, b = (reference - lo) / (hi - lo), (reconstruction - lo) / (hi - lo)
+    if a.ndim == 5:
+        n, d = a.shape[:2]
+        slices = ssim(a.reshape(n * d, *a.shape[2:]), b.reshape(n * d, *b.shape[2:]), (0.0, 1.0))
+        return slices.reshape(n, d).mean(axis=1)
     size = min(11, *reference.shape[1:3])
     return dm_pix.ssim(a, b, max_val=1.0, filter_size=size, filter_sigma=1.5 * size / 11)
 

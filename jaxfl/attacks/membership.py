@@ -53,15 +53,20 @@ def tpr_at_fpr(member_scores: np.ndarray, nonmember_scores: np.ndarray, fpr: flo
     return float(np.mean(np.asarray(member_scores) > threshold))
 
 
+def statistics_fn(apply_fn: ApplyFn) -> Callable:
+    """A jitted ``(params, images [B, ...], labels [B]) -> (loss [B], phi [B])`` of a
+    classifier: cross-entropy and the logit-scaled confidence of the true class."""
+    return jax.jit(lambda p, x, y: _statistics(apply_fn, p, x, y))
+
+
 def example_statistics(
-    apply_fn: ApplyFn, params: Params, images: jax.Array, labels: jax.Array, batch: int = 256
+    stats_fn: Callable, params: Params, images: jax.Array, labels: jax.Array, batch: int = 256
 ) -> dict[str, np.ndarray]:
-    """Per-example ``loss`` (cross-entropy) and ``phi`` (logit-scaled confidence of the true
-    class) of a classifier on ``images [N, ...]`` with ``labels [N]``, ``batch`` at a time."""
-    stats = jax.jit(lambda p, x, y: _statistics(apply_fn, p, x, y))
+    """Per-example ``loss`` and ``phi`` of :func:`statistics_fn` on ``images [N, ...]`` with
+    ``labels [N]``, ``batch`` at a time."""
     losses, phis = [], []
     for start in range(0, images.shape[0], batch):
-        loss, phi = stats(params, images[start : start + batch], labels[start : start + batch])
+        loss, phi = stats_fn(params, images[start : start + batch], labels[start : start + batch])
         losses.append(np.asarray(loss))
         phis.append(np.asarray(phi))
     return {"loss": np.concatenate(losses), "phi": np.concatenate(phis)}

@@ -74,6 +74,7 @@ def invert_round(
     batch: int = 1,
     target: int = 0,
     seed: int = 0,
+    broken: bool = False,
 ) -> dict[str, Any]:
     """Reconstruct ``target``'s first ``batch`` training images from what ``threat`` sees in
     round 0 of ``config`` (every client holding ``batch`` examples).
@@ -81,7 +82,8 @@ def invert_round(
     Returns the ``originals`` and the matched ``reconstructions`` ``[B, ...]``, ``psnr`` and
     ``ssim`` (means over the batch), ``label_accuracy`` (iDLG's sign-recovered label for batch
     1; the known labels otherwise), ``mean_image_psnr`` (the dataset mean as a guess: what an
-    attacker gets for free) and the gradient ``observed_norm``.
+    attacker gets for free) and the gradient ``observed_norm``. ``broken``: the clients' DP
+    noise is switched off (the broken-DP control).
     """
     if threat not in THREATS:
         raise ValueError(f"threat={threat!r}; choose one of {THREATS}")
@@ -94,6 +96,8 @@ def invert_round(
     train = first_examples(fed.train, batch)
     fed = fed._replace(train=train)
     sim = factories.build_simulation(config, fed)
+    if broken:
+        sim = factories.build_simulation(config, fed, privacy=without_noise(sim.privacy))
     state = sim.runner.init(sim.params)
     if threat == "client_update":
         out = sim.runner.client_outputs(state, 0)
@@ -102,8 +106,12 @@ def invert_round(
         flat = sim.runner.released_update(state, 0)
     broadcast = sim.algorithm.broadcast(state)
     observed = ravel_pytree(broadcast)[1](jnp.asarray(flat, jnp.float32))
-    # The replica: the same client function without noise, with the target's key.
-    quiet = factories.build_simulation(config, fed, privacy=without_noise(sim.privacy))
+    # The replica: the same client function without noise, with the target's key. DP-SGD's
+    # Poisson-sampled, clipped steps are not differentiable (a data-dependent loop): against
+    # record-level DP the attacker replicates plain local training instead.
+    plan = sim.privacy
+    quiet_plan = without_noise(plan) if plan.dp_sgd is None else plan._replace(dp_sgd=None)
+    quiet = factories.build_simulation(config, fed, privacy=quiet_plan)
     key = client_key(sim.runner.client_stream, jnp.int32(0), jnp.int32(target))
     replica = pipeline_update_fn(quiet.algorithm, sim.task, key)
     images = np.asarray(train.examples[sim.task.input_key][target])
