@@ -108,13 +108,15 @@ def _one_restart(
     num_classes: int,
     labels: jax.Array | None,
     config: AttackConfig,
+    label_shape: tuple[int, ...],
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One restart: ``(images [B, ...], label probabilities [B, C], final matching loss)``."""
+    """One restart: ``(images [B, ...], label probabilities [*label_shape, C], final matching
+    loss)``."""
     k_img, k_lab = jax.random.split(key)
     lo, hi = config.value_range
     dummy = {"images": jax.random.uniform(k_img, shape, minval=lo, maxval=hi)}
     if labels is None:  # DLG: soft labels are unknowns too
-        dummy["logits"] = jax.random.normal(k_lab, (shape[0], num_classes))
+        dummy["logits"] = jax.random.normal(k_lab, (*label_shape, num_classes))
     fixed = None if labels is None else jax.nn.one_hot(labels, num_classes)
 
     def objective(d):
@@ -150,6 +152,7 @@ def invert(
     config: AttackConfig = PPPML_IDLG,
     labels: jax.Array | None = None,
     first_restart: int = 0,
+    label_shape: tuple[int, ...] | None = None,
 ) -> dict[str, jax.Array]:
     """Reconstruct the batch behind ``observed`` (one client's gradient of ``grad_fn``).
 
@@ -157,9 +160,12 @@ def invert(
     for iDLG the ones :func:`recover_labels` reads off the output layer (required for
     ``"idlg"``, ignored by ``"dlg"``, which optimizes soft labels). Restart ``r`` draws its
     dummies from ``fold_in(key, first_restart + r)``, so restarts can be split across calls.
-    Returns the best restart's ``images``, ``label_probs [B, C]`` and ``loss``, and every
-    restart's ``losses [R]`` and ``all_images [R, B, ...]``.
+    ``label_shape``: the labels' shape without the class axis, ``(B,)`` by default; a
+    segmentation mask's ``(B, H, W)`` makes DLG reconstruct the mask with the image.
+    Returns the best restart's ``images``, ``label_probs [*label_shape, C]`` and ``loss``, and
+    every restart's ``losses [R]`` and ``all_images [R, B, ...]``.
     """
+    label_shape = tuple(label_shape) if label_shape is not None else (shape[0],)
     if config.method == "idlg" and labels is None:
         raise ValueError(
             "iDLG optimizes images for known labels: pass labels=recover_labels(<output "
@@ -175,7 +181,7 @@ def invert(
     run = jax.jit(
         jax.vmap(
             lambda k, p, obs, lab: _one_restart(
-                grad_fn, p, obs, k, shape, num_classes, lab, config
+                grad_fn, p, obs, k, shape, num_classes, lab, config, label_shape
             ),
             in_axes=(0, None, None, None),
         )
