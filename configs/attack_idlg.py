@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.strategy = "vmap"
     config.rounds = 1
     config.dp.delta = 1e-5
+    # Record-level DP-SGD at batch 1 samples about one example a step: per-example gradients
+    # one at a time, not in micro-batches of 32 (the same result, 30x less work).
+    config.dp.microbatch_size = 1
     config.personalization.adapt_steps = 5
     config.personalization.adapt_lr = 0.1
     # config.attack's defaults (jaxfl/defaults.py) are this audit's settings.

@@ -82,7 +82,7 @@ def _audit_config(mode: str):
     return c
 
 
-@pytest.mark.parametrize("mode", ["local_update", "record"])
+@pytest.mark.parametrize("mode", ["local_update", pytest.param("record", marks=pytest.mark.slow)])
 def test_the_audit_stays_below_the_accountant_and_catches_noise_switched_off(mode):
     config = _audit_config(mode)
     fed = load_federated_data(config)

@@ -76,9 +76,11 @@ STREAMED = [("vmap", 0), ("loop", 0), ("shard_map", 2)]
 # the slow suite every backend.
 NEW_BACKENDS = [("shard_map", 2)]
 OTHERS = ["fedprox", "perfedavg", "dp_record", "dp_local"]
-# shard_map for FedProx and local update DP: the slow suite (each is FedAvg's client update plus
-# a loss term / a host-side clip and noise that every backend shares).
-SLOW_ON_SHARD_MAP = ("fedprox", "dp_local")
+# shard_map for the other algorithms: the slow suite. FedProx and local update DP are FedAvg's
+# client update plus a loss term / a host-side clip and noise that every backend shares;
+# record-level DP and Per-FedAvg are checked under every strategy in test_dp_sgd.py and
+# test_perfedavg.py.
+SLOW_ON_SHARD_MAP = ("fedprox", "dp_local", "dp_record", "perfedavg")
 
 
 @pytest.mark.parametrize(
@@ -112,6 +114,7 @@ def test_every_backend_matches_the_reference_loop(tiny_model, tiny_params, name,
         assert metrics["clients"] == len(COUNTS)
 
 
+@pytest.mark.slow  # test_simulate.py checks Poisson rounds are strategy-independent
 def test_sampled_and_poisson_rounds_agree_on_every_backend(tiny_model, tiny_params):
     algorithm = _algorithm(tiny_model, "fedavg")
     arrays = make_client_arrays(COUNTS * 2, n_slots=13)

@@ -138,9 +138,12 @@ def test_small_cnn_output_shapes(shape):
 
 
 def test_registry_and_unknown_name():
-    assert set(MODELS) == {"cnn", "densenet", "dpresnet", "unet"}
+    assert set(MODELS) == {"cnn", "densenet", "dpresnet", "mlp", "unet"}
     assert isinstance(get_model("dpresnet", 8), DPResNet)
     assert get_model("cnn", 3, hidden=16).hidden == 16
+    assert get_model("mlp", 3, hidden=(8,), activation="relu").activation == "relu"
+    with pytest.raises(ValueError, match="model.activation='gelu'"):
+        get_model("mlp", 3, activation="gelu").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
     with pytest.raises(ValueError, match="cnn, densenet, dpresnet"):
         get_model("vgg", 10)
 

@@ -281,10 +281,10 @@ def test_seg_debug_config_learns(tmp_path):
             {"dp.mode": "local_update", "dp.noise_multiplier": 0.5, "dp.clip_norm": 1.0},
             marks=pytest.mark.slow,
         ),
-        # Secure aggregation is task-agnostic (host side): CKKS runs here, SecAgg+ in the slow
-        # suite and on classification.
+        # Secure aggregation is task-agnostic (host side): both run on segmentation in the slow
+        # suite, and on classification in the default one (test_secure_rounds.py).
         pytest.param({"secure.aggregator": "secagg"}, marks=pytest.mark.slow),
-        {"secure.aggregator": "ckks_ring"},
+        pytest.param({"secure.aggregator": "ckks_ring"}, marks=pytest.mark.slow),
         pytest.param(  # Per-FedAvg + personalization also runs in the figure test
             {"algorithm.name": "perfedavg_fo", "personalization.enabled": True},
             marks=pytest.mark.slow,

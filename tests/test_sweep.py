@@ -58,7 +58,7 @@ def test_parse_sweep_bool_and_float_from_int_text():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("foo=1,2", r"no field 'foo'. Valid top-level fields: algorithm, checkpoint_every"),
+        ("foo=1,2", r"no field 'foo'. Valid top-level fields: algorithm, attack, checkpoint_every"),
         ("local.lr=1", r"config.local has no field 'lr'.*learning_rate"),
         ("local=1", r"group of fields without a 'name'.*local.epochs"),
         ("num_clients=5,x", r"'x' is not an int"),
