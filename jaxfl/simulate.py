@@ -118,6 +118,12 @@ def _trial_outputs(algorithm, client_stream, broadcast, data, rounds, valid):
     return jax.vmap(one_round)(rounds)
 
 
+def _release(algorithm: FederatedAlgorithm, server_stream, total, weight, round_idx):
+    """The algorithm's aggregate of the weighted sum ``total``: the round's released mean
+    (with its own noise, central DP, drawn from ``fold_in(server_stream, round)``)."""
+    return algorithm.aggregate(total, weight, jax.random.fold_in(server_stream, round_idx))
+
+
 def _finish(
     algorithm: FederatedAlgorithm,
     server_stream: jax.Array,
@@ -199,11 +205,7 @@ class Simulator:
         self._unravel_fn = None
         self._releases = None
         self._server_update = jax.jit(algorithm.server_update)
-        self._aggregate = jax.jit(
-            lambda stream, total, weight, r: algorithm.aggregate(
-                total, weight, jax.random.fold_in(stream, r)
-            )
-        )
+        self._aggregate = jax.jit(functools.partial(_release, algorithm))
         self._trials = jax.jit(functools.partial(_trial_outputs, algorithm, self.client_stream))
         if jax.default_backend() == "cpu" and self.strategy in ("loop", "scan", "shard_map"):
             tune_cpu_malloc()
@@ -270,8 +272,7 @@ class Simulator:
         aggregator receives, and what an attacker at an unprotected server sees."""
         shared, slots, selected, _ = self._round_inputs(state, round_idx)
         flat, weights = self._host_outputs(shared, slots, selected)
-        keep = selected
-        return {"clients": slots[keep], "updates": flat[keep], "weights": weights[keep]}
+        return {"clients": slots[selected], "updates": flat[selected], "weights": weights[selected]}
 
     def released_update(self, state: ServerState, round_idx: int) -> np.ndarray:
         """The mean update ``[D]`` that ``round_idx`` applies to the global model: the secure
@@ -325,8 +326,8 @@ class Simulator:
             unravel, _ = self._unravel(shared)
 
             def one(f, w, r):
-                key = jax.random.fold_in(self.server_stream, r)
-                return ravel_pytree(self.algorithm.aggregate(unravel(w @ f), w.sum(), key))[0]
+                mean = _release(self.algorithm, self.server_stream, unravel(w @ f), w.sum(), r)
+                return ravel_pytree(mean)[0]
 
             self._releases = jax.jit(jax.vmap(one))
         return self._releases(flat, weights, jnp.asarray(rounds, jnp.int32))

@@ -111,7 +111,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     except Exception:
         checkpointer.close()
         raise
-    task, model, privacy, runner, algorithm, params = sim[1:]
+    task, model, privacy, params = sim.task, sim.model, sim.privacy, sim.params
+    runner, algorithm = sim.runner, sim.algorithm
     personalized_eval = factories.build_personalized_eval(config, task, model, runner.backend)
     stats_fn = make_stats_fn(task, model.apply)
     state = runner.init(params)

@@ -42,7 +42,7 @@ from jaxfl.attacks.membership import (
     loss_threshold_scores,
     statistics_fn,
 )
-from jaxfl.attacks.threats import invert_round
+from jaxfl.attacks.threats import data_range, invert_round
 from jaxfl.personalize import adapt_params
 from jaxfl.simulate import client_rows
 from jaxfl.tasks import make_loss
@@ -244,7 +244,7 @@ def plot_reconstructions(originals: np.ndarray, rows: list[tuple[str, np.ndarray
     batch = originals.shape[0]
     fig = Figure(figsize=(1.6 * batch + 1.6, 1.6 * (len(rows) + 1)))
     grid = fig.subplots(len(rows) + 1, batch, squeeze=False)
-    lo, hi = (-1.0, 1.0) if float(originals.min()) < -1e-3 else (0.0, 1.0)
+    lo, hi = data_range(originals)
     for r, (name, images) in enumerate([("original", originals), *rows]):
         for b in range(batch):
             ax = grid[r, b]

@@ -60,7 +60,7 @@ def pipeline_update_fn(algorithm, task, key: jax.Array):
     return update
 
 
-def _value_range(images: np.ndarray) -> tuple[float, float]:
+def data_range(images: np.ndarray) -> tuple[float, float]:
     """Where the data live: [-1, 1] (MedMNIST's normalization) or [0, 1]."""
     return (-1.0, 1.0) if float(np.min(images)) < -1e-3 else (0.0, 1.0)
 
@@ -96,8 +96,21 @@ def invert_round(
     train = first_examples(fed.train, batch)
     fed = fed._replace(train=train)
     sim = factories.build_simulation(config, fed)
-    if broken:
-        sim = factories.build_simulation(config, fed, privacy=without_noise(sim.privacy))
+    plan = sim.privacy
+    # The attacker's replica: the same client function without noise. DP-SGD's
+    # Poisson-sampled, clipped steps are not differentiable (a data-dependent loop): against
+    # record-level DP the attacker replicates plain local training instead.
+    quiet = factories.build_simulation(
+        config,
+        fed,
+        privacy=without_noise(plan) if plan.dp_sgd is None else plan._replace(dp_sgd=None),
+    )
+    if broken:  # the clients send without noise: the replica's plan, unless DP-SGD's
+        sim = (
+            quiet
+            if plan.dp_sgd is None
+            else factories.build_simulation(config, fed, privacy=without_noise(plan))
+        )
     state = sim.runner.init(sim.params)
     if threat == "client_update":
         out = sim.runner.client_outputs(state, 0)
@@ -106,12 +119,6 @@ def invert_round(
         flat = sim.runner.released_update(state, 0)
     broadcast = sim.algorithm.broadcast(state)
     observed = ravel_pytree(broadcast)[1](jnp.asarray(flat, jnp.float32))
-    # The replica: the same client function without noise, with the target's key. DP-SGD's
-    # Poisson-sampled, clipped steps are not differentiable (a data-dependent loop): against
-    # record-level DP the attacker replicates plain local training instead.
-    plan = sim.privacy
-    quiet_plan = without_noise(plan) if plan.dp_sgd is None else plan._replace(dp_sgd=None)
-    quiet = factories.build_simulation(config, fed, privacy=quiet_plan)
     key = client_key(sim.runner.client_stream, jnp.int32(0), jnp.int32(target))
     replica = pipeline_update_fn(quiet.algorithm, sim.task, key)
     images = np.asarray(train.examples[sim.task.input_key][target])
@@ -123,7 +130,8 @@ def invert_round(
         guess = np.asarray(recover_labels(-head["kernel"], -head["bias"]))
     else:
         guess = labels
-    value_range = _value_range(np.asarray(fed.train.examples[sim.task.input_key]))
+    every_image = np.asarray(train.examples[sim.task.input_key])
+    value_range = data_range(every_image)
     attack = dataclasses.replace(attack, value_range=value_range)
     result = invert(
         replica,
@@ -137,7 +145,7 @@ def invert_round(
     )
     matched = match_reconstructions(jnp.asarray(images), result["images"], value_range)
     recon = np.asarray(result["images"])[np.asarray(matched["index"])]
-    pooled = np.asarray(fed.train.examples[sim.task.input_key]).reshape(-1, *images.shape[1:])
+    pooled = every_image.reshape(-1, *images.shape[1:])
     mean = np.broadcast_to(pooled.mean(axis=0), images.shape)
     mean_psnr = match_reconstructions(jnp.asarray(images), jnp.asarray(mean), value_range)
     return {
