@@ -17,7 +17,7 @@ import ml_collections
 # model.base_features/depth/groups are the U-Net's widths (jaxfl.models.UNet); growth_rate,
 # block_config, init_features, bn_size, compression, hidden, norm and stem_kernel the DenseNet's
 # (jaxfl.models.DenseNet; DenseNet-121: growth_rate 32, block_config (6, 12, 24, 16)); hidden
-# and activation the MLP's (jaxfl.models.MLP).
+# and activation the MLP's, per_pixel its segmentation output (jaxfl.models.MLP).
 OPTIONAL_FIELDS = (
     "partition.seed",
     "heterogeneity.clients",
@@ -33,6 +33,7 @@ OPTIONAL_FIELDS = (
     "model.norm",
     "model.stem_kernel",
     "model.activation",
+    "model.per_pixel",
 )
 
 

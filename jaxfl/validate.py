@@ -82,19 +82,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(errors, "model.name", config.model.name, MODELS)
     _choice(errors, "partition.name", config.partition.name, PARTITION_ARGS)
     _choice(errors, "task.name", config.task.name, TASKS)
+    per_pixel = config.model.name == "unet" or (
+        config.model.name == "mlp" and config.model.get("per_pixel", False)
+    )
     if config.task.name == "segmentation":
         _choice(errors, "data.source", config.data.source, CT_SOURCES)
-        if config.model.name != "unet":
+        if not per_pixel:
             errors.append(
                 f"config.model.name={config.model.name!r} predicts one label per image; "
-                "segmentation needs per-pixel logits: use model.name='unet'."
+                "segmentation needs per-pixel logits: use model.name='unet' (or 'mlp' with "
+                "model.per_pixel=True)."
             )
     else:
         _choice(errors, "data.source", config.data.source, DATA_SOURCES)
-        if config.model.name == "unet":
+        if per_pixel:
             errors.append(
-                "config.model.name='unet' predicts per-pixel logits; use it with "
-                "config.task.name='segmentation'."
+                f"config.model.name={config.model.name!r} predicts per-pixel logits here; use "
+                "it with config.task.name='segmentation'."
             )
     if config.data.source in VOLUME_SOURCES:
         _choice(errors, "data.volume.sites", config.data.volume.sites, ("data", "partition"))

@@ -148,6 +148,15 @@ def test_registry_and_unknown_name():
         get_model("vgg", 10)
 
 
+def test_a_per_pixel_mlp_gives_logits_for_every_pixel():
+    model = get_model("mlp", 3, hidden=(8,), per_pixel=True)
+    x = jax.random.normal(KEY, (2, 5, 4, 1))
+    params = _init(model, x.shape)
+    out = model.apply({"params": params}, x)
+    assert out.shape == (2, 5, 4, 3)
+    assert params["head"]["kernel"].shape == (8, 5 * 4 * 3)
+
+
 # --------------------------------------------------------------------------- metrics
 
 

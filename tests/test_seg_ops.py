@@ -420,3 +420,17 @@ def test_dice_stats_jit_matches_numpy_counts():
             assert out[k].dtype == jnp.int32
             assert out[k].shape == (5, num_classes - 1)
             np.testing.assert_array_equal(out[k], ref[k])
+
+
+@pytest.mark.parametrize("kind", ["ce", "dice", "ce+dice"])
+def test_a_one_hot_soft_mask_gives_the_integer_masks_loss_and_a_gradient(kind):
+    """Gradient inversion optimizes soft masks: one-hot ones must score exactly like labels,
+    class weights included, and the loss must be differentiable in the mask."""
+    logits, mask = _random_problem(seed=4)
+    logits, mask = jnp.asarray(logits), jnp.asarray(mask)
+    weights = None if kind == "dice" else (1.0, 3.0, 7.0)[: logits.shape[-1]]
+    fn = segmentation_loss(kind, weights)
+    soft = jax.nn.one_hot(mask, logits.shape[-1])
+    np.testing.assert_allclose(fn(logits, soft), fn(logits, mask), rtol=1e-5, atol=1e-6)
+    grad = jax.grad(lambda t: fn(logits, t).sum())(soft)
+    assert grad.shape == soft.shape and float(jnp.abs(grad).sum()) > 0

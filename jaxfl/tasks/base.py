@@ -40,6 +40,8 @@ class Task:
 
     name: str = "task"
     input_key: str = "image"
+    # The feature the loss scores the output against (None: the task has no target).
+    target_key: str | None = None
     required: tuple[str, ...] = ("image",)
     primary: str = "loss"
     # Metrics the progress bar shows, after train_loss (names without the test_/... prefix).

@@ -20,17 +20,24 @@ class Classification(Task):
     """Softmax cross-entropy training; accuracy, macro one-vs-rest AUC and NLL evaluation."""
 
     name: str = "classification"
+    target_key: str = "label"
     required: tuple[str, ...] = ("image", "label")
     primary: str = "accuracy"
     headline: tuple[str, ...] = ("accuracy",)
 
     def example_losses(self, outputs: jax.Array, batch: Batch) -> jax.Array:
-        """Cross-entropy of ``logits [B, C]`` against ``label [B]``: ``[B]``."""
-        return optax.softmax_cross_entropy_with_integer_labels(outputs, batch["label"])
+        """Cross-entropy of ``logits [B, C]`` against ``label [B]`` (or soft labels ``[B, C]``,
+        the relaxed target gradient inversion optimizes): ``[B]``."""
+        label = batch["label"]
+        if label.ndim == outputs.ndim:
+            return optax.softmax_cross_entropy(outputs, label)
+        return optax.softmax_cross_entropy_with_integer_labels(outputs, label)
 
     def example_metrics(self, outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-        """``correct [B]``: 1.0 where the argmax is the label."""
-        return {"correct": (jnp.argmax(outputs, -1) == batch["label"]).astype(jnp.float32)}
+        """``correct [B]``: 1.0 where the argmax is the label (a soft label's argmax)."""
+        label = batch["label"]
+        label = jnp.argmax(label, -1) if label.ndim == outputs.ndim else label
+        return {"correct": (jnp.argmax(outputs, -1) == label).astype(jnp.float32)}
 
     def train_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
         """``train_loss`` and ``train_accuracy`` per example seen."""

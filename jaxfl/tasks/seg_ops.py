@@ -25,6 +25,10 @@ A slice or case with truth but no prediction (or the reverse) scores 0 under bot
 Ignored pixels. A mask pixel equal to :data:`IGNORE_LABEL` (e.g. padding that brings a slice to
 a size the U-Net accepts) carries no label: every loss and count here leaves it out, whatever
 the logits there. A slice with no labelled pixel has loss 0.
+
+Soft masks. The losses also take ``mask [B, H, W, C]``: per-pixel class probabilities (every
+pixel labelled), the relaxed target a gradient-inversion attack optimizes
+(:mod:`jaxfl.attacks`). A one-hot soft mask gives the integer mask's loss exactly.
 """
 
 from __future__ import annotations
@@ -46,10 +50,21 @@ _COUNT_KEYS = ("inter", "pred", "true")
 
 
 def _check_labels(logits: jax.Array, mask: jax.Array) -> None:
-    if logits.ndim != 4 or mask.shape != logits.shape[:-1]:
+    if logits.ndim != 4 or mask.shape not in (logits.shape[:-1], logits.shape):
         raise ValueError(
-            f"expected logits [B, H, W, C] and mask [B, H, W], got {logits.shape} and {mask.shape}"
+            "expected logits [B, H, W, C] and mask [B, H, W] (or soft [B, H, W, C]), got "
+            f"{logits.shape} and {mask.shape}"
         )
+
+
+def _targets(mask: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
+    """(labelled pixels ``[B, H, W]`` float, target probabilities ``[B, H, W, C]``, zero on
+    ignored pixels) of an integer or a soft mask."""
+    if mask.ndim == 4:
+        return jnp.ones(mask.shape[:-1], jnp.float32), mask.astype(jnp.float32)
+    valid, labels = _labelled(mask)
+    keep = valid.astype(jnp.float32)
+    return keep, jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * keep[..., None]
 
 
 def pixel_cross_entropy(
@@ -57,7 +72,8 @@ def pixel_cross_entropy(
 ) -> jax.Array:
     """Per-example pixel-wise softmax cross-entropy, optionally class-balanced: ``[B]``.
 
-    ``logits [B, H, W, C]``, ``mask [B, H, W]`` integer labels in ``[0, C)``. With
+    ``logits [B, H, W, C]``, ``mask [B, H, W]`` integer labels in ``[0, C)`` (or soft
+    ``[B, H, W, C]``: the expected cross-entropy and weight under each pixel's target). With
     ``CE_p = -log softmax(logits_p)[y_p]`` over the pixels ``p`` of one example:
 
     * ``class_weights=None``: ``mean_p CE_p``;
@@ -67,18 +83,19 @@ def pixel_cross_entropy(
       example with only background pixels gets the plain mean, whatever ``w``.
     """
     _check_labels(logits, mask)
-    valid, labels = _labelled(mask)
+    valid, t = _targets(mask, logits.shape[-1])
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    ce = -(t * logp).sum(axis=-1)
     if class_weights is None:
-        return _weighted_mean(ce, valid.astype(jnp.float32))
+        return _weighted_mean(ce, valid)
     w_c = np.asarray(class_weights, dtype=np.float32)
     if w_c.shape != (logits.shape[-1],) or not np.all(w_c > 0):
         raise ValueError(
             f"class_weights must be {logits.shape[-1]} positive numbers (one per class), "
             f"got {w_c.tolist()}"
         )
-    return _weighted_mean(ce, jnp.where(valid, jnp.asarray(w_c)[labels], 0.0))
+    # w[y_p] for an integer mask (0 where ignored); the expected weight for a soft one.
+    return _weighted_mean(ce, t @ jnp.asarray(w_c))
 
 
 def _labelled(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -125,7 +142,8 @@ def soft_dice_loss(
 ) -> jax.Array:
     """Per-example soft Dice loss ``[B]``: 1 - mean over classes of soft Dice.
 
-    With ``p = softmax(logits)`` and one-hot truth ``t``, per example and class c:
+    With ``p = softmax(logits)`` and one-hot truth ``t`` (or a soft mask's probabilities),
+    per example and class c:
     ``dice_c = (2 sum_px p t + eps) / (sum_px p + sum_px t + eps)``, averaged over the
     foreground classes 1..C-1 (all C with ``include_background``). ``eps`` smooths empty
     classes: a class absent from truth and prediction scores ~1 (loss ~0) rather than 0/0.
@@ -134,10 +152,8 @@ def soft_dice_loss(
     num_classes = logits.shape[-1]
     if not include_background and num_classes < 2:
         raise ValueError("soft_dice_loss without background needs C >= 2 classes")
-    valid, labels = _labelled(mask)
-    keep = valid[..., None].astype(jnp.float32)
-    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) * keep
-    t = jax.nn.one_hot(labels, num_classes, dtype=p.dtype) * keep
+    valid, t = _targets(mask, num_classes)
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) * valid[..., None]
     inter = (p * t).sum(axis=(1, 2))
     denom = p.sum(axis=(1, 2)) + t.sum(axis=(1, 2))
     dice = (2.0 * inter + eps) / (denom + eps)

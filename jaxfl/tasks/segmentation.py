@@ -35,6 +35,7 @@ class Segmentation(Task):
     """
 
     name: str = "segmentation"
+    target_key: str = "mask"
     required: tuple[str, ...] = ("image", "mask", "case")
     primary: str = "dice"
     headline: tuple[str, ...] = ("dice",)
@@ -57,13 +58,14 @@ class Segmentation(Task):
         seg_ops.segmentation_loss(self.loss, self.class_weights, dice_eps=self.dice_eps)
 
     def example_losses(self, outputs: jax.Array, batch: Batch) -> jax.Array:
-        """The configured per-example pixel loss ``[B]`` of ``logits [B, H, W, C]``."""
+        """The configured per-example pixel loss ``[B]`` of ``logits [B, H, W, C]`` (against an
+        integer mask, or a soft one ``[B, H, W, C]``)."""
         fn = seg_ops.segmentation_loss(self.loss, self.class_weights, dice_eps=self.dice_eps)
         return fn(outputs, batch["mask"])
 
     def example_metrics(self, outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         """Foreground pixel counts per example ``[B]`` (summed over classes), for train Dice."""
-        counts = seg_ops.dice_stats(outputs, batch["mask"], self.num_classes)
+        counts = seg_ops.dice_stats(outputs, _hard(batch["mask"]), self.num_classes)
         return {f"dice_{k}": v.sum(-1).astype(jnp.float32) for k, v in counts.items()}
 
     def train_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
@@ -124,3 +126,8 @@ class Segmentation(Task):
                 f"{num_classes} classes; remap labels (CTPreprocess.label_map) or raise "
                 "config.task.num_classes."
             )
+
+
+def _hard(mask: jax.Array) -> jax.Array:
+    """An integer mask ``[B, H, W]`` (a soft one's argmax)."""
+    return jnp.argmax(mask, axis=-1) if mask.ndim == 4 else mask
