@@ -167,3 +167,32 @@ def test_shadow_free_likelihood_ratio_uses_models_that_did_not_see_the_example(o
         likelihood_ratio_scores(phi(init, 4), refs_non),
     )
     assert abs(control - 0.5) < 0.12
+
+
+def test_membership_statistics_of_a_segmenter_are_means_over_labelled_pixels():
+    from jaxfl.tasks.seg_ops import pixel_cross_entropy
+
+    model = MLP(num_classes=3, hidden=(8,), per_pixel=True)
+    x = jax.random.normal(jax.random.key(0), (4, 5, 5, 1))
+    params = model.init(jax.random.key(1), x)["params"]
+    masks = np.array(jax.random.randint(jax.random.key(2), (4, 5, 5), 0, 3))
+    masks[:, 0] = -1  # an ignored (padding) row
+    loss, phi = statistics_fn(model.apply)(params, x, jnp.asarray(masks))
+    logits = model.apply({"params": params}, x)
+    np.testing.assert_allclose(loss, pixel_cross_entropy(logits, jnp.asarray(masks)), rtol=1e-5)
+    p = np.asarray(jax.nn.softmax(logits))
+    y = np.where(masks >= 0, masks, 0)
+    p_y = np.take_along_axis(p, y[..., None], -1)[..., 0]
+    ref = np.log(p_y / (1 - p_y))[:, 1:].mean(axis=(1, 2))
+    np.testing.assert_allclose(phi, ref, rtol=1e-4)
+
+
+def test_the_record_canary_of_a_mask_moves_every_labelled_pixel_to_the_next_class():
+    from jaxfl.attacks.audit import _with_flipped_label
+    from jaxfl.types import ClientArrays
+
+    masks = np.array([[[[0, 1], [-1, 2]], [[2, 2], [0, -1]]]])  # 1 client, 2 slices
+    train = ClientArrays({"mask": masks}, np.ones((1, 2)), np.array([2]))
+    flipped = _with_flipped_label(train, 0, 3, "mask").examples["mask"]
+    np.testing.assert_array_equal(flipped[0, 0], masks[0, 0])
+    np.testing.assert_array_equal(flipped[0, 1], [[0, 0], [1, -1]])

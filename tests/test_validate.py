@@ -135,3 +135,19 @@ def test_heterogeneity_spec_errors_name_the_field():
     dataset = synthetic_dataset(4, (28, 28, 1), n_train=100, n_val=0, n_test=10)
     with pytest.raises(ConfigError, match="config.heterogeneity: .*slice_thickness"):
         validate_dataset(config, dataset)
+
+
+def test_the_model_must_fit_the_task():
+    """Per-pixel logits for segmentation, one label per image otherwise; the per-pixel MLP
+    (the CT attack config's model) is accepted only where it fits."""
+    from configs import attack_dlg_ct
+
+    validate_config(attack_dlg_ct.get_config())
+    seg = attack_dlg_ct.get_config()
+    seg.model.per_pixel = False
+    with pytest.raises(ConfigError, match="segmentation needs per-pixel logits"):
+        validate_config(seg)
+    image_level = debug.get_config()
+    image_level.model.name, image_level.model.per_pixel = "mlp", True
+    with pytest.raises(ConfigError, match="'mlp' predicts per-pixel logits here"):
+        validate_config(image_level)

@@ -110,14 +110,18 @@ def _without_last_record(train: ClientArrays, client: int) -> ClientArrays:
     return train._replace(mask=mask, counts=counts)
 
 
-def _with_flipped_label(train: ClientArrays, client: int, num_classes: int) -> ClientArrays:
-    """``train`` with ``client``'s last real example relabelled: a mislabelled record, whose
+def _with_flipped_label(
+    train: ClientArrays, client: int, num_classes: int, key: str = "label"
+) -> ClientArrays:
+    """``train`` with ``client``'s last real example relabelled (its ``key`` target: a label,
+    or every labelled pixel of a mask, moved to the next class): a mislabelled record, whose
     large gradient is the strongest canary an honest-looking client can hold."""
     examples = dict(train.examples)
-    labels = np.array(examples["label"])
+    labels = np.array(examples[key])
     last = int(np.asarray(train.counts)[client]) - 1
-    labels[client, last] = (labels[client, last] + 1) % num_classes
-    examples["label"] = labels
+    target = labels[client, last]
+    labels[client, last] = np.where(target >= 0, (target + 1) % num_classes, target)
+    examples[key] = labels
     return train._replace(examples=examples)
 
 
@@ -169,7 +173,8 @@ def audit_dp(
     everyone = np.ones(k, bool)
     if mode == "record":
         # What client 0 sends depends on its data alone: run it alone.
-        canary = _with_flipped_label(_only_client(fed.train, 0), 0, fed.num_classes)
+        target = honest.task.target_key
+        canary = _with_flipped_label(_only_client(fed.train, 0), 0, fed.num_classes, target)
         worlds = [(canary, everyone[:1]), (_without_last_record(canary, 0), everyone[:1])]
     elif mode == "local_update":
         alone = _only_client(fed.train, 0)

@@ -54,8 +54,9 @@ def tpr_at_fpr(member_scores: np.ndarray, nonmember_scores: np.ndarray, fpr: flo
 
 
 def statistics_fn(apply_fn: ApplyFn) -> Callable:
-    """A jitted ``(params, images [B, ...], labels [B]) -> (loss [B], phi [B])`` of a
-    classifier: cross-entropy and the logit-scaled confidence of the true class."""
+    """A jitted ``(params, images [B, ...], labels [B]) -> (loss [B], phi [B])``: the
+    cross-entropy and the logit-scaled confidence of the true class. A segmenter's masks
+    ``[B, H, W]`` score the means over their labelled pixels (negative labels are ignored)."""
     return jax.jit(lambda p, x, y: _statistics(apply_fn, p, x, y))
 
 
@@ -74,10 +75,16 @@ def example_statistics(
 
 def _statistics(apply_fn, params, images, labels):
     logp = jax.nn.log_softmax(apply_fn({"params": params}, images))
-    true = jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+    labelled = labels >= 0
+    y = jnp.where(labelled, labels, 0).astype(jnp.int32)
+    true = jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
     # log(1 - p_y) as the logsumexp of the other classes: exact where p_y rounds to 1.
-    others = jnp.where(jax.nn.one_hot(labels, logp.shape[1]) > 0, -jnp.inf, logp)
-    return -true, true - jax.scipy.special.logsumexp(others, axis=1)
+    others = jnp.where(jax.nn.one_hot(y, logp.shape[-1]) > 0, -jnp.inf, logp)
+    phi = true - jax.scipy.special.logsumexp(others, axis=-1)
+    axes = tuple(range(1, labels.ndim))
+    weight = labelled.astype(logp.dtype)
+    count = jnp.maximum(weight.sum(axis=axes), 1.0)
+    return (-true * weight).sum(axis=axes) / count, (phi * weight).sum(axis=axes) / count
 
 
 def loss_threshold_scores(losses: np.ndarray) -> np.ndarray:

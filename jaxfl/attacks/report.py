@@ -9,7 +9,8 @@ model and training:
    threshold on the global model, and on each client's personalized model (one adaptation from
    the global one) the loss threshold and the shadow-free likelihood ratio with the other
    clients' personalized models as references; members are the clients' training examples,
-   non-members as many test examples;
+   non-members as many test examples (for a personalized model its own client's held-out
+   examples when every client has some: the same site and scanner as its members);
 3. for DP protections, the accountant's epsilon (the whole run, and one round) and the
    empirical lower bound of one round (:func:`jaxfl.attacks.audit.audit_dp`); the
    ``broken_dp`` row switches the noise off while claiming the same epsilon.
@@ -66,6 +67,7 @@ COLUMNS = (
     ("psnr", "PSNR dB", "{:.1f}"),
     ("ssim", "SSIM", "{:.3f}"),
     ("label_accuracy", "label acc", "{:.2f}"),
+    ("mask_dice", "mask Dice", "{:.2f}"),
     ("mean_image_psnr", "mean-image PSNR", "{:.1f}"),
     ("mia_auc_global", "MIA AUC global", "{:.3f}"),
     ("mia_auc_personalized", "MIA AUC pers.", "{:.3f}"),
@@ -113,18 +115,22 @@ def _train(config: ml_collections.ConfigDict, fed: FederatedData):
 
 
 def membership(config: ml_collections.ConfigDict, fed: FederatedData) -> dict[str, float]:
-    """Membership inference on the global model and on the clients' personalized models."""
+    """Membership inference on the global model and on the clients' personalized models
+    (nothing without test examples: they are the non-members)."""
+    if len(next(iter(fed.test.values()))) == 0:
+        logging.warning("No test examples to serve as non-members: no membership inference.")
+        return {}
     params, sim = _train(config, fed)
     apply_fn, key = sim.model.apply, sim.task.input_key
     stats = statistics_fn(apply_fn)
     train = fed.train
     counts = np.asarray(train.counts)
     images = np.asarray(train.examples[key])
-    labels = np.asarray(train.examples["label"])
+    labels = np.asarray(train.examples[sim.task.target_key])
     members_x = np.concatenate([images[c, :n] for c, n in enumerate(counts)])
     members_y = np.concatenate([labels[c, :n] for c, n in enumerate(counts)])
     test = fed.test
-    test_y = np.asarray(test["label"])
+    test_y = np.asarray(test[sim.task.target_key])
     size = min(len(members_y), len(test_y))
     rng = np.random.default_rng(config.seed)
     pick = rng.choice(len(test_y), size, replace=False)
@@ -153,10 +159,19 @@ def membership(config: ml_collections.ConfigDict, fed: FederatedData) -> dict[st
         for c in range(train.num_clients)
     ]
     per = min(int(counts.min()), size)
+    # A personalized model's non-members come from its own site when every client holds
+    # held-out examples: test examples from other sites would let the attack detect the site
+    # (its scanner), not membership.
+    held = fed.heldout
+    own = int(np.min(held.counts)) > 0
+    if own:
+        per = min(per, int(np.min(held.counts)))
+        held_x = np.asarray(held.examples[key])
+        held_y = np.asarray(held.examples[sim.task.target_key])
     losses, liras = [], []
     for c, model_c in enumerate(personal):
         mx, my = images[c, :per], labels[c, :per]
-        nx, ny = non_x[:per], non_y[:per]
+        nx, ny = (held_x[c, :per], held_y[c, :per]) if own else (non_x[:per], non_y[:per])
         m_stats = example_statistics(stats, model_c, mx, my)
         n_stats = example_statistics(stats, model_c, nx, ny)
         losses.append(
@@ -173,6 +188,7 @@ def membership(config: ml_collections.ConfigDict, fed: FederatedData) -> dict[st
                 likelihood_ratio_scores(n_stats["phi"], ref_n),
             )
         )
+    out["mia_nonmembers_personalized"] = "heldout" if own else "test"
     out["mia_auc_personalized"] = float(np.mean([s["auc"] for s in losses]))
     out["lira_auc_personalized"] = float(np.mean([s["auc"] for s in liras]))
     out["lira_tpr_at_1pct_fpr"] = float(np.mean([s["tpr_at_1pct_fpr"] for s in liras]))
@@ -197,9 +213,10 @@ def run_suite(config: ml_collections.ConfigDict, fed: FederatedData, workdir: Pa
         inverted = invert_round(
             c, fed, threat, attack, batch=config.attack.batch, seed=config.seed, broken=broken
         )
-        figures.append((protection, inverted["reconstructions"]))
-        originals = inverted.pop("originals")
-        inverted.pop("reconstructions")
+        originals = inverted.pop("originals"), inverted.pop("original_masks", None)
+        figures.append(
+            (protection, inverted.pop("reconstructions"), inverted.pop("reconstructed_masks", None))
+        )
         row.update(inverted)
         if not broken:
             row.update(membership(c, fed))
@@ -239,21 +256,32 @@ def _show(image: np.ndarray) -> np.ndarray:
     return image[..., 0] if image.shape[-1] == 1 else image
 
 
-def plot_reconstructions(originals: np.ndarray, rows: list[tuple[str, np.ndarray]], path: Path):
-    """Originals on top, one row of reconstructions per protection (a volume's middle slice)."""
-    batch = originals.shape[0]
-    fig = Figure(figsize=(1.6 * batch + 1.6, 1.6 * (len(rows) + 1)))
-    grid = fig.subplots(len(rows) + 1, batch, squeeze=False)
-    lo, hi = data_range(originals)
-    for r, (name, images) in enumerate([("original", originals), *rows]):
+def plot_reconstructions(
+    originals: tuple[np.ndarray, np.ndarray | None],
+    rows: list[tuple[str, np.ndarray, np.ndarray | None]],
+    path: Path,
+) -> None:
+    """Originals on top, one row of reconstructions per protection (a volume's middle slice);
+    a segmentation's masks (``[B, H, W]`` labels, or None) sit right of their images."""
+    images, masks = originals
+    batch = images.shape[0]
+    columns = batch * (1 if masks is None else 2)
+    fig = Figure(figsize=(1.6 * columns + 1.6, 1.6 * (len(rows) + 1)))
+    grid = fig.subplots(len(rows) + 1, columns, squeeze=False)
+    lo, hi = data_range(images)
+    for r, (name, shown_images, shown_masks) in enumerate([("original", *originals), *rows]):
         for b in range(batch):
-            ax = grid[r, b]
-            shown = np.clip((_show(images[b]) - lo) / (hi - lo), 0, 1)
-            ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            panels = [np.clip((_show(shown_images[b]) - lo) / (hi - lo), 0, 1)]
+            if masks is not None:
+                panels.append(shown_masks[b] / max(int(masks.max()), 1))
+            for i, panel in enumerate(panels):
+                ax = grid[r, b * len(panels) + i]
+                ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
             if b == 0:
-                ax.set_ylabel(name, fontsize=8)
-    fig.suptitle("iDLG reconstructions by protection", fontsize=9)
+                grid[r, 0].set_ylabel(name, fontsize=8)
+    title = "reconstructions (image, mask)" if masks is not None else "reconstructions"
+    fig.suptitle(f"{title} by protection", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -30,6 +30,7 @@ from jaxfl import factories
 from jaxfl.attacks.audit import without_noise
 from jaxfl.attacks.inversion import AttackConfig, invert, match_reconstructions, recover_labels
 from jaxfl.simulate import client_key
+from jaxfl.tasks.seg_ops import IGNORE_LABEL, dice_from_counts, dice_stats
 from jaxfl.types import ClientArrays, ClientData, FederatedData
 
 THREATS = ("client_update", "aggregate")
@@ -47,13 +48,17 @@ def first_examples(train: ClientArrays, n: int) -> ClientArrays:
 
 
 def pipeline_update_fn(algorithm, task, key: jax.Array):
-    """The attacker's replica of one client: ``(params, images [B, ...], soft labels [B, C]) ->
-    the update pytree`` that ``algorithm.client_update`` sends for that batch with ``key``
-    (labels are the soft labels' argmax: iDLG and inverting gradients fix them)."""
+    """The attacker's replica of one client: ``(params, images [B, ...], soft targets) -> the
+    update pytree`` that ``algorithm.client_update`` sends for that batch with ``key``.
 
-    def update(params, images, soft_labels):
+    The soft targets are class probabilities in the shape of the task's target plus a class
+    axis (labels ``[B, C]``, masks ``[B, H, W, C]``); the task's loss takes them as they are, so
+    DLG can optimize them, and one-hot targets give exactly the integer targets' update.
+    """
+
+    def update(params, images, soft_targets):
         n = images.shape[0]
-        examples = {task.input_key: images, "label": jnp.argmax(soft_labels, axis=-1)}
+        examples = {task.input_key: images, task.target_key: soft_targets}
         data = ClientData(examples, jnp.ones(n, jnp.float32), np.int32(n))  # static count
         return algorithm.client_update(params, data, key).update
 
@@ -81,9 +86,12 @@ def invert_round(
 
     Returns the ``originals`` and the matched ``reconstructions`` ``[B, ...]``, ``psnr`` and
     ``ssim`` (means over the batch), ``label_accuracy`` (iDLG's sign-recovered label for batch
-    1; the known labels otherwise), ``mean_image_psnr`` (the dataset mean as a guess: what an
-    attacker gets for free) and the gradient ``observed_norm``. ``broken``: the clients' DP
-    noise is switched off (the broken-DP control).
+    1, DLG's reconstructed one, the known labels otherwise; for segmentation the fraction of
+    labelled pixels the reconstructed mask gets right, with its foreground ``mask_dice`` and
+    ``original_masks`` / ``reconstructed_masks``), ``mean_image_psnr`` (the dataset mean as a
+    guess: what an attacker gets for free) and the gradient ``observed_norm``. ``broken``: the
+    clients' DP noise is switched off (the broken-DP control). Segmentation needs
+    ``attack.method`` ``"dlg"`` or ``"inverting"``: the mask is reconstructed too.
     """
     if threat not in THREATS:
         raise ValueError(f"threat={threat!r}; choose one of {THREATS}")
@@ -92,6 +100,13 @@ def invert_round(
         raise ValueError(
             f"secure.aggregator={config.secure.aggregator!r}: no single client's update leaves "
             "the secure aggregation; attack threat='aggregate'"
+        )
+    segmentation = config.task.name == "segmentation"
+    if segmentation and attack.method == "idlg":
+        raise ValueError(
+            "iDLG reads one label per image off the output layer, and a segmentation mask has "
+            "one per pixel: use attack.method='dlg' or 'inverting', which reconstruct the mask "
+            "with the image"
         )
     train = first_examples(fed.train, batch)
     fed = fed._replace(train=train)
@@ -122,14 +137,16 @@ def invert_round(
     key = client_key(sim.runner.client_stream, jnp.int32(0), jnp.int32(target))
     replica = pipeline_update_fn(quiet.algorithm, sim.task, key)
     images = np.asarray(train.examples[sim.task.input_key][target])
-    labels = np.asarray(train.examples["label"][target]).astype(np.int32)
-    if batch == 1 and "head" in observed:
+    targets = np.asarray(train.examples[sim.task.target_key][target]).astype(np.int32)
+    if segmentation or attack.method == "dlg":
+        guess = None  # the targets are reconstructed with the images
+    elif batch == 1 and "head" in observed:
         # An update is -lr x the gradient (summed over steps): the label's bias entry is
         # positive, so the gradient's sign rule reads it off the negated update.
         head = observed["head"]
         guess = np.asarray(recover_labels(-head["kernel"], -head["bias"]))
     else:
-        guess = labels
+        guess = targets
     every_image = np.asarray(train.examples[sim.task.input_key])
     value_range = data_range(every_image)
     attack = dataclasses.replace(attack, value_range=value_range)
@@ -141,20 +158,44 @@ def invert_round(
         images.shape,
         fed.num_classes,
         attack,
-        jnp.asarray(guess),
+        None if guess is None else jnp.asarray(guess),
+        label_shape=targets.shape,
     )
     matched = match_reconstructions(jnp.asarray(images), result["images"], value_range)
-    recon = np.asarray(result["images"])[np.asarray(matched["index"])]
+    index = np.asarray(matched["index"])
+    recon = np.asarray(result["images"])[index]
+    recovered = np.asarray(jnp.argmax(result["label_probs"], axis=-1))[index]
+    if guess is not None:
+        recovered = guess
     pooled = every_image.reshape(-1, *images.shape[1:])
     mean = np.broadcast_to(pooled.mean(axis=0), images.shape)
     mean_psnr = match_reconstructions(jnp.asarray(images), jnp.asarray(mean), value_range)
-    return {
+    out = {
         "originals": images,
         "reconstructions": recon,
         "psnr": float(np.mean(matched["psnr"])),
         "ssim": float(np.mean(matched["ssim"])),
-        "label_accuracy": float(np.mean(guess == labels)),
         "mean_image_psnr": float(np.mean(mean_psnr["psnr"])),
         "observed_norm": float(np.linalg.norm(flat)),
         "clients_aggregated": int(fed.train.num_clients) if threat == "aggregate" else 1,
+    }
+    if segmentation:
+        out.update(_mask_scores(targets, recovered, fed.num_classes))
+        out["original_masks"] = targets
+        out["reconstructed_masks"] = recovered
+    else:
+        out["label_accuracy"] = float(np.mean(recovered == targets))
+    return out
+
+
+def _mask_scores(true: np.ndarray, recovered: np.ndarray, num_classes: int) -> dict[str, float]:
+    """``label_accuracy``: the fraction of labelled pixels whose class the reconstructed mask
+    gets right; ``mask_dice``: the foreground Dice of the reconstructed masks, pooled."""
+    labelled = true != IGNORE_LABEL
+    counts = dice_stats(jnp.asarray(recovered), jnp.asarray(true), num_classes)
+    pooled = {k: np.asarray(v).sum(axis=0) for k, v in counts.items()}
+    dice = dice_from_counts(pooled["inter"], pooled["pred"], pooled["true"])
+    return {
+        "label_accuracy": float(np.mean(recovered[labelled] == true[labelled])),
+        "mask_dice": float(np.mean(dice)),
     }
