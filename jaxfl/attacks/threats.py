@@ -65,6 +65,12 @@ def pipeline_update_fn(algorithm, task, key: jax.Array):
     return update
 
 
+def _real_examples(train: ClientArrays, values) -> np.ndarray:
+    """Every client's real examples of ``values [K, N, ...]``, pooled: ``[sum(counts), ...]``."""
+    values = np.asarray(values)
+    return np.concatenate([values[c, :n] for c, n in enumerate(np.asarray(train.counts))])
+
+
 def data_range(images: np.ndarray) -> tuple[float, float]:
     """Where the data live: [-1, 1] (MedMNIST's normalization) or [0, 1]."""
     return (-1.0, 1.0) if float(np.min(images)) < -1e-3 else (0.0, 1.0)
@@ -88,10 +94,11 @@ def invert_round(
     ``ssim`` (means over the batch), ``label_accuracy`` (iDLG's sign-recovered label for batch
     1, DLG's reconstructed one, the known labels otherwise; for segmentation the fraction of
     labelled pixels the reconstructed mask gets right, with its foreground ``mask_dice`` and
-    ``original_masks`` / ``reconstructed_masks``), ``mean_image_psnr`` (the dataset mean as a
-    guess: what an attacker gets for free) and the gradient ``observed_norm``. ``broken``: the
-    clients' DP noise is switched off (the broken-DP control). Segmentation needs
-    ``attack.method`` ``"dlg"`` or ``"inverting"``: the mask is reconstructed too.
+    ``original_masks`` / ``reconstructed_masks``), ``mean_image_psnr`` (the mean of every
+    client's training images as a guess: what an attacker gets for free) and the gradient
+    ``observed_norm``. ``broken``: the clients' DP noise is switched off (the broken-DP
+    control). Segmentation needs ``attack.method`` ``"dlg"`` or ``"inverting"``: the mask is
+    reconstructed too.
     """
     if threat not in THREATS:
         raise ValueError(f"threat={threat!r}; choose one of {THREATS}")
@@ -108,6 +115,7 @@ def invert_round(
             "one per pixel: use attack.method='dlg' or 'inverting', which reconstruct the mask "
             "with the image"
         )
+    everyone = fed.train
     train = first_examples(fed.train, batch)
     fed = fed._replace(train=train)
     sim = factories.build_simulation(config, fed)
@@ -147,8 +155,8 @@ def invert_round(
         guess = np.asarray(recover_labels(-head["kernel"], -head["bias"]))
     else:
         guess = targets
-    every_image = np.asarray(train.examples[sim.task.input_key])
-    value_range = data_range(every_image)
+    population = _real_examples(everyone, everyone.examples[sim.task.input_key])
+    value_range = data_range(population)
     attack = dataclasses.replace(attack, value_range=value_range)
     result = invert(
         replica,
@@ -167,8 +175,7 @@ def invert_round(
     recovered = np.asarray(jnp.argmax(result["label_probs"], axis=-1))[index]
     if guess is not None:
         recovered = guess
-    pooled = every_image.reshape(-1, *images.shape[1:])
-    mean = np.broadcast_to(pooled.mean(axis=0), images.shape)
+    mean = np.broadcast_to(population.mean(axis=0), images.shape)
     mean_psnr = match_reconstructions(jnp.asarray(images), jnp.asarray(mean), value_range)
     out = {
         "originals": images,
