@@ -122,7 +122,9 @@ def parse_value(text: str, current: Any) -> Any:
         except ValueError:
             raise ValueError(f"{text!r} is not a float.") from None
     if isinstance(current, str):
-        return text
+        # 'a' and "a" (as a Python literal, or a shell that kept the quotes) mean a.
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        return ast.literal_eval(text) if quoted else text
     if isinstance(current, tuple | list):
         inner = text[1:-1] if text[:1] in "([" and text[-1:] in ")]" else text
         items = [t for t in _split_values(inner) if t.strip()]

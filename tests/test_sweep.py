@@ -55,6 +55,19 @@ def test_parse_sweep_bool_and_float_from_int_text():
     ]
 
 
+def test_quoted_strings_mean_the_string_inside_alone_or_in_a_tuple(config):
+    """Regression: ('none','secagg') gave the protection "'none'", quotes and all."""
+    out = apply_overrides(
+        config, {"attack.protections": "('none', \"secagg\")", "algorithm.name": "'fedprox'"}
+    )
+    assert out.attack.protections == ("none", "secagg")
+    assert out.algorithm.name == "fedprox"
+    assert apply_overrides(config, {"attack.protections": "(none,ckks)"}).attack.protections == (
+        "none",
+        "ckks",
+    )
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
