@@ -172,8 +172,9 @@ def invert_round(
     matched = match_reconstructions(jnp.asarray(images), result["images"], value_range)
     index = np.asarray(matched["index"])
     recon = np.asarray(result["images"])[index]
-    recovered = np.asarray(jnp.argmax(result["label_probs"], axis=-1))[index]
-    if guess is not None:
+    if guess is None:
+        recovered = np.asarray(jnp.argmax(result["label_probs"], axis=-1))[index]
+    else:
         recovered = guess
     mean = np.broadcast_to(population.mean(axis=0), images.shape)
     mean_psnr = match_reconstructions(jnp.asarray(images), jnp.asarray(mean), value_range)
