@@ -365,3 +365,15 @@ def test_a_segmentation_clients_update_leaks_its_slice_and_its_mask(ct_fed):
     assert secure["mask_dice"] < 0.8
     with pytest.raises(ValueError, match="one per pixel: use attack.method='dlg'"):
         invert_round(config, ct_fed, "client_update", PIPELINE_ATTACK)
+
+
+def test_gradient_matching_recovers_a_batch_of_two_from_one_clients_update(pipeline_fed):
+    """Threat (a) with batch k = 2: one full-batch step over two images (labels known to the
+    attacker, L2 matching); each original is matched to its reconstruction."""
+    from jaxfl.attacks.threats import invert_round
+
+    attack = AttackConfig(method="idlg", steps=400, learning_rate=0.1, restarts=2)
+    config = _pipeline_config(local__batch_size=2)
+    out = invert_round(config, pipeline_fed, "client_update", attack, batch=2)
+    assert out["originals"].shape == out["reconstructions"].shape == (2, 8, 8, 1)
+    assert out["psnr"] > 20.0 and out["psnr"] > out["mean_image_psnr"] + 5.0
