@@ -377,3 +377,13 @@ def test_gradient_matching_recovers_a_batch_of_two_from_one_clients_update(pipel
     out = invert_round(config, pipeline_fed, "client_update", attack, batch=2)
     assert out["originals"].shape == out["reconstructions"].shape == (2, 8, 8, 1)
     assert out["psnr"] > 20.0 and out["psnr"] > out["mean_image_psnr"] + 5.0
+
+
+def test_membership_without_test_examples_is_skipped_with_a_warning(pipeline_fed, caplog):
+    """One patient leaves no test split: no non-members, so no membership row (not a crash)."""
+    from jaxfl.attacks.report import membership
+
+    empty = {k: np.asarray(v)[:0] for k, v in pipeline_fed.test.items()}
+    with caplog.at_level("WARNING"):
+        assert membership(_pipeline_config(), pipeline_fed._replace(test=empty)) == {}
+    assert "No test examples" in caplog.text
