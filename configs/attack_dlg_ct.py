@@ -15,7 +15,7 @@ update): --config.data.source=totalseg_example --config.data.data_dir=../shared/
 
 import ml_collections
 
-from configs import seg_debug
+from configs import attack_idlg, seg_debug
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -32,15 +32,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(
         dict(name="mlp", hidden=(256,), activation="sigmoid", per_pixel=True)
     )
-    config.local.optimizer = "sgd"
-    config.local.learning_rate = 0.1
-    config.local.batch_size = 1
-    config.local.epochs = 1
-    config.strategy = "vmap"
-    config.rounds = 1
-    config.dp.delta = 1e-5
-    config.dp.microbatch_size = 1
-    config.personalization.adapt_steps = 5
-    config.personalization.adapt_lr = 0.1
     config.attack.method = "dlg"
-    return config
+    return attack_idlg.attacked_training(config)

@@ -22,6 +22,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.partition.name = "iid"
     config.partition.heldout_fraction = 0.0
     config.model = ml_collections.ConfigDict(dict(name="mlp", hidden=(256,), activation="sigmoid"))
+    # config.attack's defaults (jaxfl/defaults.py) are this audit's settings.
+    return attacked_training(config)
+
+
+def attacked_training(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """DLG's training setting, shared by the attack configs: one plain SGD step (lr 0.1) per
+    example, every client in one vmapped round, delta 1e-5 for the DP rows, and personalization
+    by 5 SGD steps for the membership attacks."""
     config.local.optimizer = "sgd"
     config.local.learning_rate = 0.1
     config.local.batch_size = 1
@@ -34,5 +42,4 @@ def get_config() -> ml_collections.ConfigDict:
     config.dp.microbatch_size = 1
     config.personalization.adapt_steps = 5
     config.personalization.adapt_lr = 0.1
-    # config.attack's defaults (jaxfl/defaults.py) are this audit's settings.
     return config
