@@ -159,6 +159,14 @@ def test_a_multi_step_fedavg_update_still_leaks_the_image(target):
     assert float(psnr(image, result["images"], RANGE)[0]) > 25.0
 
 
+def _overridden(c, overrides):
+    """``c`` with ``section__field=value`` overrides set."""
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        c[section][field] = value
+    return c
+
+
 def _pipeline_config(**overrides):
     """8 clients of one synthetic 8x8 image each, a sigmoid MLP, one SGD step: iDLG's setting
     through jaxfl's own round."""
@@ -171,10 +179,7 @@ def _pipeline_config(**overrides):
     c.local.optimizer, c.local.learning_rate, c.local.batch_size, c.local.epochs = (
         "sgd", 0.1, 1, 1,
     )  # fmt: skip
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        c[section][field] = value
-    return c
+    return _overridden(c, overrides)
 
 
 PIPELINE_ATTACK = AttackConfig(method="idlg", steps=200, learning_rate=0.1, restarts=2)
@@ -331,10 +336,7 @@ def _ct_attack_config(**overrides):
 
     c = attack_dlg_ct.get_config()
     c.data.ct.phantom_size, c.data.ct.num_slices, c.model.hidden = (16, 16), 2, (32,)
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        c[section][field] = value
-    return c
+    return _overridden(c, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ from jaxfl.attacks.membership import (
     loss_threshold_scores,
     statistics_fn,
 )
-from jaxfl.attacks.threats import data_range, invert_round
+from jaxfl.attacks.threats import data_range, invert_round, real_examples
 from jaxfl.personalize import adapt_params
 from jaxfl.simulate import client_rows
 from jaxfl.tasks import make_loss
@@ -127,8 +127,7 @@ def membership(config: ml_collections.ConfigDict, fed: FederatedData) -> dict[st
     counts = np.asarray(train.counts)
     images = np.asarray(train.examples[key])
     labels = np.asarray(train.examples[sim.task.target_key])
-    members_x = np.concatenate([images[c, :n] for c, n in enumerate(counts)])
-    members_y = np.concatenate([labels[c, :n] for c, n in enumerate(counts)])
+    members_x, members_y = real_examples(train, images), real_examples(train, labels)
     test = fed.test
     test_y = np.asarray(test[sim.task.target_key])
     size = min(len(members_y), len(test_y))

@@ -65,7 +65,7 @@ def pipeline_update_fn(algorithm, task, key: jax.Array):
     return update
 
 
-def _real_examples(train: ClientArrays, values) -> np.ndarray:
+def real_examples(train: ClientArrays, values: np.ndarray) -> np.ndarray:
     """Every client's real examples of ``values [K, N, ...]``, pooled: ``[sum(counts), ...]``."""
     values = np.asarray(values)
     return np.concatenate([values[c, :n] for c, n in enumerate(np.asarray(train.counts))])
@@ -155,7 +155,7 @@ def invert_round(
         guess = np.asarray(recover_labels(-head["kernel"], -head["bias"]))
     else:
         guess = targets
-    population = _real_examples(everyone, everyone.examples[sim.task.input_key])
+    population = real_examples(everyone, everyone.examples[sim.task.input_key])
     value_range = data_range(population)
     attack = dataclasses.replace(attack, value_range=value_range)
     result = invert(
