@@ -1,5 +1,6 @@
-"""Checkpoint and resume with orbax: server state + round + the privacy ledger, plus a config
-guard for the workdir.
+"""Checkpoint and resume with orbax: server state + round (+ every client's state for
+stateful algorithms, in ``ServerState.clients``) + the privacy ledger, plus a config guard for
+the workdir.
 
 Randomness needs no saved state: every key is ``fold_in`` of the seed's streams with the round
 (and client id), so restoring the server state and the round number reproduces the rest. The

@@ -129,6 +129,26 @@ def make_personalized_eval(
     return evaluate
 
 
+class ClientModelEval:
+    """Each client's own model on its own held-out split: ``(params [K, ...], heldout) ->
+    {metric: [K]}``, mapped through ``backend`` (the local-only baseline's models, Ditto's
+    personal models)."""
+
+    def __init__(self, backend: ClientBackend, task: Task, apply_fn: Callable[..., jax.Array]):
+        self.backend = backend
+        self.task = task
+        self._stats = backend.map(
+            lambda shared, client, cid, valid: _stats(task, apply_fn, *client)
+        )
+        self._placed_heldout = _Placed(backend)
+
+    def __call__(self, params_c: Params, heldout: ClientArrays) -> dict[str, np.ndarray]:
+        (heldout_c,) = self._placed_heldout(client_rows(heldout))
+        per_client = (self.backend.place(params_c), heldout_c)
+        out = self._stats((), per_client, *_all(heldout.num_clients))
+        return client_summaries(self.task, out, heldout)
+
+
 class LocalOnly:
     """The local-only baseline: every client trains its own model on its own data, alone.
 
@@ -168,8 +188,7 @@ class LocalOnly:
             return res.params, {**res.sums, "num_steps": res.num_steps.astype(jnp.float32)}
 
         self._round = self.backend.map(one)
-        self._stats: Callable | None = None
-        self._placed_heldout = _Placed(self.backend)
+        self._evaluate: ClientModelEval | None = None
 
     def init(self, params: Params) -> ServerState:
         """Every client starts from the same ``params``; the state holds them stacked."""
@@ -192,11 +211,6 @@ class LocalOnly:
         self, state: ServerState, heldout: ClientArrays, apply_fn
     ) -> dict[str, np.ndarray]:
         """Each client's own model on its own held-out split: ``{metric: [K]}``."""
-        if self._stats is None:
-            self._stats = self.backend.map(
-                lambda shared, client, cid, valid: _stats(self.task, apply_fn, *client)
-            )
-        (heldout_c,) = self._placed_heldout(client_rows(heldout))
-        per_client = (self.backend.place(state.params), heldout_c)
-        out = self._stats((), per_client, *_all(self.num_clients))
-        return client_summaries(self.task, out, heldout)
+        if self._evaluate is None:
+            self._evaluate = ClientModelEval(self.backend, self.task, apply_fn)
+        return self._evaluate(state.params, heldout)

@@ -9,6 +9,11 @@ order) because every client's key is ``fold_in(fold_in(client_stream, round), cl
 With a ``host_aggregator`` (secure aggregation), the backend maps clients to their flattened
 updates ``[K, D]`` instead of summing them; the host protects and aggregates them (numpy in,
 numpy out, :mod:`jaxfl.secure`) and a jitted server update applies the mean.
+
+A stateful algorithm's clients (:attr:`FederatedAlgorithm.stateful`) carry state across rounds:
+the backend maps each sampled client's ``(data, state)`` row to its output and new state, the
+outputs are summed (or sent to the host aggregator) and the new states are written back into
+their rows of ``ServerState.clients`` (``[K, ...]``, placed like the client data).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from jaxfl.runtime import tune_cpu_malloc
 from jaxfl.secure.entropy import os_uniform
 from jaxfl.secure.secagg import SecAggError
 from jaxfl.tasks import CLASSIFICATION, Task
-from jaxfl.tree import tree_scale
+from jaxfl.tree import tree_scale, tree_sum_axis0
 from jaxfl.types import ClientArrays, ClientData, Params
 
 if TYPE_CHECKING:
@@ -81,13 +86,39 @@ def client_rows(arrays: ClientArrays) -> ClientData:
 
 
 def _client_update(
-    algorithm: FederatedAlgorithm, shared: tuple, data: ClientData, cid: jax.Array, valid
+    algorithm: FederatedAlgorithm, shared: tuple, data: ClientData, cid: jax.Array, valid, *state
 ) -> ClientOutput:
-    """One client's ``client_update`` (``shared = (broadcast, client stream, round)``); an
-    invalid (padding) slot runs as a client with zero examples."""
+    """One client's ``client_update`` (``shared = (broadcast, client stream, round)``, ``state``:
+    the client's own state for a stateful algorithm); an invalid (padding) slot runs as a client
+    with zero examples."""
     broadcast, client_stream, round_idx = shared
     data = data._replace(mask=data.mask * valid, count=jnp.where(valid, data.count, 0))
-    return algorithm.client_update(broadcast, data, client_key(client_stream, round_idx, cid))
+    key = client_key(client_stream, round_idx, cid)
+    return algorithm.client_update(broadcast, data, key, *state)
+
+
+def _stateful_update(
+    algorithm: FederatedAlgorithm, shared: tuple, client: tuple, cid: jax.Array, valid
+) -> ClientOutput:
+    """One stateful client's output, new state included, from its ``(data, state)`` row."""
+    data, state = client
+    return _client_update(algorithm, shared, data, cid, valid, state)
+
+
+def _sum_outputs(outputs: ClientOutput) -> Aggregate:
+    """The :class:`Aggregate` of stacked client outputs ``[S, ...]``."""
+    weighted = jax.tree.map(lambda u: jnp.einsum("s,s...->...", outputs.weight, u), outputs.update)
+    return Aggregate(weighted, jnp.sum(outputs.weight), tree_sum_axis0(outputs.metrics))
+
+
+def _flat_outputs(outputs: ClientOutput) -> tuple[jax.Array, jax.Array]:
+    """Stacked client outputs as ``(flat updates [S, D], weights [S])`` for host aggregation."""
+    return jax.vmap(lambda u: ravel_pytree(u)[0])(outputs.update), outputs.weight
+
+
+def _write_rows(clients, ids: jax.Array, new):
+    """``clients [K, ...]`` with rows ``ids [S]`` replaced by ``new [S, ...]``."""
+    return jax.tree.map(lambda a, b: a.at[ids].set(b.astype(a.dtype)), clients, new)
 
 
 def _contribution(
@@ -166,8 +197,10 @@ class Simulator:
         if host_aggregator is not None and algorithm.aggregate is not weighted_mean:
             raise ValueError(
                 f"{algorithm.name} aggregates with its own server-side rule (central DP adds "
-                "noise to the sum), which host secure aggregation would bypass; use "
-                "dp.mode='local_update' or 'record' with secure aggregation."
+                "noise to the sum; SCAFFOLD divides its control-variate sum by the number of "
+                "clients), which host secure aggregation would bypass; use "
+                "secure.aggregator='plain', or dp.mode='local_update' or 'record' for DP with "
+                "secure aggregation."
             )
         if poisson_rate is not None and not 0 < poisson_rate <= 1:
             raise ValueError(f"poisson_rate must be in (0, 1], got {poisson_rate}.")
@@ -205,14 +238,26 @@ class Simulator:
         self._unravel_fn = None
         self._releases = None
         self._server_update = jax.jit(algorithm.server_update)
+        if algorithm.stateful:
+            self._stateful = self.backend.map(functools.partial(_stateful_update, algorithm))
+            self._sum_outputs = jax.jit(_sum_outputs)
+            self._flat_outputs = jax.jit(_flat_outputs)
+            self._write_rows = jax.jit(_write_rows)
         self._aggregate = jax.jit(functools.partial(_release, algorithm))
         self._trials = jax.jit(functools.partial(_trial_outputs, algorithm, self.client_stream))
         if jax.default_backend() == "cpu" and self.strategy in ("loop", "scan", "shard_map"):
             tune_cpu_malloc()
 
     def init(self, params: Params) -> ServerState:
-        """The algorithm's initial server state for global ``params``."""
-        return self.algorithm.init(params)
+        """The algorithm's initial server state for global ``params`` (with every client's
+        initial state, placed like the client data, for a stateful algorithm)."""
+        state = self.algorithm.init(params)
+        if not self.algorithm.stateful:
+            return state
+        one = self.algorithm.client_init(params)
+        k = self.num_clients
+        stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (k, *x.shape)), one)
+        return state._replace(clients=self.backend.place(jax.tree.map(np.array, stacked)))
 
     def sample_clients(self, round_idx: int) -> np.ndarray:
         """Sorted ids of the clients taking part in ``round_idx``."""
@@ -231,6 +276,16 @@ class Simulator:
         key = jax.random.fold_in(self.sample_stream, round_idx)
         ids = jax.random.choice(key, self.num_clients, (self.per_round,), replace=False)
         return np.sort(np.asarray(ids, dtype=np.int32))
+
+    def _require_stateless(self, what: str) -> None:
+        """Refuse the privacy-audit entry points for stateful algorithms, whose clients'
+        outputs depend on state the audit would have to replay."""
+        if self.algorithm.stateful:
+            raise ValueError(
+                f"{what} replays one round from the server state alone; {self.algorithm.name} "
+                "clients also carry their own state, which the privacy audit does not replay "
+                "yet. Audit fedavg, fedprox or perfedavg instead."
+            )
 
     def round_streams(self) -> tuple[jax.Array, jax.Array]:
         """``(client_stream, server_stream)`` for a round: the seed's, or with
@@ -254,11 +309,51 @@ class Simulator:
     def run_round(self, state: ServerState, round_idx: int) -> tuple[ServerState, dict[str, float]]:
         """One federated round; returns the new server state and host-side round metrics."""
         shared, slots, selected, server_stream = self._round_inputs(state, round_idx)
+        if self.algorithm.stateful:
+            return self._run_round_stateful(
+                state, round_idx, shared, slots, selected, server_stream
+            )
         if self.host_aggregator is not None:
-            return self._run_round_host(state, shared, slots, selected, round_idx)
+            flat, weights = self._host_outputs(shared, slots, selected)
+            unravel, size = self._unravel(shared)
+            return self._host_round(state, flat, weights, (unravel, size), round_idx, selected)
         agg = self._sum(shared, self._train_c, slots, selected, costs=self._costs[slots])
         state, sums = self._finish(server_stream, state, agg, shared[2])
         return state, round_metrics(self.task, sums, int(selected.sum()))
+
+    def _run_round_stateful(self, state, round_idx, shared, slots, selected, server_stream):
+        """A round of a stateful algorithm: the sampled clients' outputs and new states, the
+        server update from their aggregate, the new states written back into their rows."""
+        outputs = self._stateful(
+            shared, (self._train_c, state.clients), slots, selected, costs=self._costs[slots]
+        )
+        clients = self._write_clients(state.clients, slots[selected], outputs.state)
+        server = state._replace(clients=None)
+        if self.host_aggregator is not None:
+            flat, weights = (np.asarray(x) for x in self._flat_outputs(outputs))
+            one = jax.tree.map(lambda u: jax.ShapeDtypeStruct(u.shape[1:], u.dtype), outputs.update)
+            unravel = _unravel_like(one)
+            server, metrics = self._host_round(server, flat, weights, unravel, round_idx, selected)
+        else:
+            # The outputs may be sharded over a mesh; the sum goes where the server state is.
+            home = jax.tree.leaves(server.params)[0].sharding
+            agg = jax.device_put(self._sum_outputs(outputs), home)
+            server, sums = self._finish(server_stream, server, agg, shared[2])
+            metrics = round_metrics(self.task, sums, int(selected.sum()))
+        return server._replace(clients=clients), metrics
+
+    def _write_clients(self, clients, ids: np.ndarray, new):
+        """``clients`` with rows ``ids`` replaced by ``new``: on the device, or on the host
+        (numpy, a copy) when the backend keeps client data there (streaming)."""
+        if all(isinstance(a, jax.Array) for a in jax.tree.leaves(clients)):
+            return self._write_rows(clients, jnp.asarray(ids), new)
+
+        def write(a, b):
+            a = np.array(a)
+            a[ids] = np.asarray(b)
+            return a
+
+        return jax.tree.map(write, clients, new)
 
     def _host_outputs(self, shared, slots, selected) -> tuple[np.ndarray, np.ndarray]:
         """Every slot's ``(flat update [S, D], weight [S])`` on the host."""
@@ -270,6 +365,7 @@ class Simulator:
         :meth:`run_round` computes it (DP noise included): ``clients [S]`` ids, ``updates
         [S, D]`` flat (``ravel_pytree`` order) and ``weights [S]``. This is what a host
         aggregator receives, and what an attacker at an unprotected server sees."""
+        self._require_stateless("client_outputs")
         shared, slots, selected, _ = self._round_inputs(state, round_idx)
         flat, weights = self._host_outputs(shared, slots, selected)
         return {"clients": slots[selected], "updates": flat[selected], "weights": weights[selected]}
@@ -278,6 +374,7 @@ class Simulator:
         """The mean update ``[D]`` that ``round_idx`` applies to the global model: the secure
         aggregator's output, or the algorithm's aggregate (central DP noise included). This is
         what an observer of the global model, or a server behind secure aggregation, sees."""
+        self._require_stateless("released_update")
         shared, slots, selected, server_stream = self._round_inputs(state, round_idx)
         flat, weights = self._host_outputs(shared, slots, selected)
         if self.host_aggregator is not None:
@@ -299,6 +396,7 @@ class Simulator:
         pipeline's own client function, vmapped over clients and rounds on one device (for
         privacy audits of few small clients). ``valid [K]``: clients taking part (default all);
         ``train``: other client arrays shaped like the simulator's (a neighbouring dataset)."""
+        self._require_stateless("trial_outputs")
         valid = np.ones(self.num_clients, bool) if valid is None else np.asarray(valid, bool)
         data = client_rows(self.train if train is None else train)
         broadcast = self.algorithm.broadcast(state)
@@ -332,10 +430,11 @@ class Simulator:
             self._releases = jax.jit(jax.vmap(one))
         return self._releases(flat, weights, jnp.asarray(rounds, jnp.int32))
 
-    def _run_round_host(self, state, shared, slots, selected, round_idx):
-        """A round whose aggregation runs on the host (secure aggregation)."""
-        flat, weights = self._host_outputs(shared, slots, selected)
-        unravel, size = self._unravel(shared)
+    def _host_round(self, state, flat, weights, unravel, round_idx, selected):
+        """The server side of a round aggregated on the host (secure aggregation) from the
+        ``selected`` clients' ``flat [S, D]`` updates and ``weights [S]``; ``unravel = (fn,
+        D)`` maps a flat mean back to an update pytree."""
+        unravel, size = unravel
         # Only the protocol's output leaves the clients: per-client training sums (loss,
         # accuracy, examples, steps, clipping) would travel in the clear, so none is reported.
         out = {"clients": int(selected.sum())}
@@ -370,10 +469,15 @@ class Simulator:
                 jnp.int32(0),
                 jnp.bool_(True),
             )
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.weighted_update)
-            flat, unravel = ravel_pytree(zeros)
-            self._unravel_fn = (unravel, flat.size)
+            self._unravel_fn = _unravel_like(shapes.weighted_update)
         return self._unravel_fn
+
+
+def _unravel_like(update) -> tuple:
+    """``(unravel, D)`` for updates shaped like ``update`` (arrays or shape structs)."""
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update)
+    flat, unravel = ravel_pytree(zeros)
+    return unravel, flat.size
 
 
 def round_metrics(task: Task, sums: dict[str, jax.Array], num_clients: int) -> dict[str, float]:

@@ -3,6 +3,12 @@
 An algorithm never sees a client axis: :mod:`jaxfl.simulate` maps ``client_update`` over clients
 (vmap, vmapped chunks or a per-client loop) and aggregates the returned updates with a weighted
 mean before calling ``server_update``.
+
+A *stateful* algorithm (SCAFFOLD's control variates, Ditto's personal models) also keeps state on
+every client across rounds: it defines ``client_init``, its ``client_update`` takes the client's
+state as a fourth argument and returns the new one in ``ClientOutput.state``. The simulator holds
+every client's state stacked ``[K, ...]`` in ``ServerState.clients``, placed like the client data,
+updates the sampled clients' rows and checkpoints it with the server state.
 """
 
 from __future__ import annotations
@@ -15,15 +21,21 @@ import jax.numpy as jnp
 import optax
 
 from jaxfl.tasks import CLASSIFICATION, make_loss
-from jaxfl.types import ClientData, LossFn, Params, PRNGKey
+from jaxfl.types import LossFn, Params, PRNGKey
 
 
 class ServerState(NamedTuple):
-    """Global model, server optimizer state and the number of completed rounds."""
+    """Global model, server optimizer state, the number of completed rounds and, for stateful
+    algorithms, every client's state stacked ``[K, ...]`` (None otherwise).
+
+    In a deployment each client would hold its own row of ``clients``; the simulation keeps
+    them together so one checkpoint restores the whole federation.
+    """
 
     params: Params
     opt_state: optax.OptState
     round: jax.Array
+    clients: Any = None
 
 
 class ClientOutput(NamedTuple):
@@ -36,6 +48,7 @@ class ClientOutput(NamedTuple):
     update: Params
     weight: jax.Array
     metrics: dict[str, jax.Array]
+    state: Any = None  # the client's new state (stateful algorithms only)
 
 
 def weighted_mean(weighted_sum: Params, weight_sum: jax.Array, key: PRNGKey) -> Params:
@@ -53,14 +66,26 @@ class FederatedAlgorithm(NamedTuple):
     - ``server_update(server_state, mean_update) -> ServerState``: apply the aggregated update.
     - ``aggregate(sum_c w_c u_c, sum_c w_c, server_key) -> update``: how the server combines
       the summed updates (weighted mean by default; central DP adds noise here).
+    - ``client_init(params) -> client state`` (stateful algorithms only; None otherwise): one
+      client's state before its first round, from the initial global params. ``client_update``
+      then takes ``(b, data, key, client_state)`` and returns ``ClientOutput.state``.
+    - ``personal_params(client_state) -> params`` (None if the state holds no model): the
+      client's personalized model, evaluated on its held-out split (Ditto).
     """
 
     name: str
     init: Callable[[Params], ServerState]
     broadcast: Callable[[ServerState], Any]
-    client_update: Callable[[Any, ClientData, PRNGKey], ClientOutput]
+    client_update: Callable[..., ClientOutput]
     server_update: Callable[[ServerState, Params], ServerState]
     aggregate: Callable[[Params, jax.Array, PRNGKey], Params] = weighted_mean
+    client_init: Callable[[Params], Any] | None = None
+    personal_params: Callable[[Any], Params] | None = None
+
+    @property
+    def stateful(self) -> bool:
+        """Whether every client keeps state across rounds."""
+        return self.client_init is not None
 
 
 def classification_loss(apply_fn: Callable[..., jax.Array]) -> LossFn:
