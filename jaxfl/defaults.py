@@ -138,9 +138,11 @@ def default_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(name="cnn"))
     # fedavg | fedprox (mu) | perfedavg_fo | perfedavg_hf | perfedavg_pppml (alpha: inner
     # adaptation step, beta: outer step; plain SGD, config.local's optimizer is not used) |
-    # local (local-only baseline: every client trains alone)
+    # scaffold (control variates; local SGD with config.local.learning_rate) | ditto (a
+    # personal model per client, pulled to the global one with weight lam) | local
+    # (local-only baseline: every client trains alone)
     config.algorithm = ml_collections.ConfigDict(
-        dict(name="fedavg", mu=0.01, alpha=1e-2, beta=1e-3)
+        dict(name="fedavg", mu=0.01, alpha=1e-2, beta=1e-3, lam=0.1)
     )
     config.local = ml_collections.ConfigDict(
         dict(optimizer="adam", learning_rate=3e-3, momentum=0.0, batch_size=32, epochs=2)

@@ -13,7 +13,9 @@ import numpy as np
 import optax
 
 from jaxfl.algorithms import FederatedAlgorithm, fedavg, fedprox
+from jaxfl.algorithms.ditto import ditto
 from jaxfl.algorithms.perfedavg import perfedavg
+from jaxfl.algorithms.scaffold import scaffold
 from jaxfl.backends import (
     ClientBackend,
     StreamingBackend,
@@ -73,7 +75,16 @@ from jaxfl.tasks.segmentation import Segmentation
 from jaxfl.types import ClientArrays, Dataset, FederatedData
 
 # "local" is the local-only baseline (no communication), run by LocalOnly, not a Simulator.
-ALGORITHMS = ("fedavg", "fedprox", "perfedavg_fo", "perfedavg_hf", "perfedavg_pppml", "local")
+ALGORITHMS = (
+    "fedavg",
+    "fedprox",
+    "perfedavg_fo",
+    "perfedavg_hf",
+    "perfedavg_pppml",
+    "scaffold",
+    "ditto",
+    "local",
+)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DATA_SOURCES = ("synthetic", "medmnist", "radchest", "volume_csv")
 VOLUME_SOURCES = ("radchest", "volume_csv")
@@ -450,6 +461,23 @@ def build_algorithm(
         return fedavg(loss, client_opt, server_opt, **kw)
     if name == "fedprox":
         return fedprox(loss, client_opt, server_opt, mu=config.algorithm.mu, **kw)
+    if name == "ditto":
+        return ditto(loss, client_opt, server_opt, lam=config.algorithm.lam, **kw)
+    if name == "scaffold":
+        if privacy is not None and privacy.update_dp:
+            raise ValueError(
+                f"SCAFFOLD with dp.mode={privacy.mode!r}: update-level DP would clip and noise "
+                "the model update but not the control variates; use dp.mode='record'."
+            )
+        return scaffold(
+            loss,
+            server_opt,
+            learning_rate=config.local.learning_rate,
+            batch_size=config.local.batch_size,
+            epochs=config.local.epochs,
+            num_clients=config.num_clients,
+            dp=privacy.dp_sgd if privacy is not None else None,
+        )
     if name.startswith("perfedavg_") and name in ALGORITHMS:
         if privacy is not None and privacy.update_dp:
             raise ValueError(

@@ -21,6 +21,7 @@ from jaxfl.checkpoint import Checkpointer, check_same_config
 from jaxfl.errors import WorkdirError
 from jaxfl.metrics import read_metrics
 from jaxfl.models import count_params
+from jaxfl.personalize import ClientModelEval
 from jaxfl.privacy import accounting
 from jaxfl.privacy.plan import uncovered_metrics
 from jaxfl.tasks import evaluate_clients, evaluate_split, make_stats_fn
@@ -114,6 +115,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     task, model, privacy, params = sim.task, sim.model, sim.privacy, sim.params
     runner, algorithm = sim.runner, sim.algorithm
     personalized_eval = factories.build_personalized_eval(config, task, model, runner.backend)
+    personal_models = None  # Ditto: every client's own model, evaluated as personalized_*
+    if algorithm is not None and algorithm.personal_params is not None:
+        personal_models = ClientModelEval(runner.backend, task, model.apply)
     stats_fn = make_stats_fn(task, model.apply)
     state = runner.init(params)
 
@@ -180,6 +184,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 if personalized_eval is not None:
                     per_client = personalized_eval(state.params, runner.train, fed.heldout, r)
                     metrics.update(_per_client("personalized", per_client))
+                if personal_models is not None:
+                    personal = algorithm.personal_params(state.clients)
+                    metrics.update(
+                        _per_client("personalized", personal_models(personal, fed.heldout))
+                    )
             metrics.update(privacy.epsilon_metrics(r + 1))
             metrics["round_time_s"] = time.perf_counter() - round_start
             metrics["wall_time_s"] = elapsed_before + time.perf_counter() - start

@@ -200,6 +200,12 @@ def _validate_secure(config: ml_collections.ConfigDict, errors: list[str]) -> No
         )
     if config.algorithm.name == "local":
         errors.append("algorithm 'local' aggregates nothing; set secure.aggregator='plain'.")
+    if config.algorithm.name == "scaffold":
+        errors.append(
+            f"algorithm 'scaffold' divides the control-variate sum by the number of clients "
+            f"on the server, which secure.aggregator={sec.aggregator!r} cannot do; set "
+            "secure.aggregator='plain'."
+        )
     if sec.max_weight < 0:
         errors.append(f"config.secure.max_weight={sec.max_weight} must be >= 0 (0 = auto).")
     threshold = sec.secagg.threshold
@@ -234,6 +240,29 @@ def _validate_personalization(config: ml_collections.ConfigDict, errors: list[st
             "update-level DP clips FedAvg-style updates; use dp.mode='record' (DP-SGD on every "
             "batch of each Per-FedAvg step) or 'none'."
         )
+    if name == "scaffold" and (
+        config.local.optimizer != "sgd" or config.local.get("momentum", 0.0)
+    ):
+        errors.append(
+            f"algorithm 'scaffold' with local.optimizer={config.local.optimizer!r}: its "
+            "control-variate update assumes plain local SGD steps of size local.learning_rate; "
+            "set local.optimizer='sgd' and local.momentum=0."
+        )
+    if name == "scaffold" and config.dp.mode not in ("none", "record"):
+        errors.append(
+            f"config.dp.mode={config.dp.mode!r} is not supported with algorithm 'scaffold': "
+            "update-level DP would clip and noise the model update but not the control "
+            "variates; use dp.mode='record' (DP-SGD on every local step) or 'none'."
+        )
+    if name == "ditto" and not config.algorithm.lam >= 0:
+        errors.append(f"config.algorithm.lam={config.algorithm.lam} must be >= 0 for Ditto.")
+    p = config.get("personalization")
+    if name == "ditto" and p is not None and p.enabled:
+        errors.append(
+            "algorithm 'ditto' evaluates each client's own personal model as "
+            "personalized_*; adapt-then-test would overwrite those metrics. Set "
+            "personalization.enabled=False."
+        )
     if name == "local" and config.dp.mode != "none":
         errors.append(
             f"config.dp.mode={config.dp.mode!r} is not supported with the local-only baseline "
@@ -244,7 +273,6 @@ def _validate_personalization(config: ml_collections.ConfigDict, errors: list[st
             "algorithm 'local' trains every client every round; set clients_per_round=0 and "
             "client_fraction=0."
         )
-    p = config.get("personalization")
     if p is not None and p.enabled:
         if not (isinstance(p.adapt_steps, int) and p.adapt_steps >= 0):
             errors.append(
