@@ -368,7 +368,8 @@ class Simulator:
         self._require_stateless("client_outputs")
         shared, slots, selected, _ = self._round_inputs(state, round_idx)
         flat, weights = self._host_outputs(shared, slots, selected)
-        return {"clients": slots[selected], "updates": flat[selected], "weights": weights[selected]}
+        # Backends return the valid slots' rows only, so the outputs are already [S, ...].
+        return {"clients": slots[selected], "updates": flat, "weights": weights}
 
     def released_update(self, state: ServerState, round_idx: int) -> np.ndarray:
         """The mean update ``[D]`` that ``round_idx`` applies to the global model: the secure

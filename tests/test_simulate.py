@@ -152,3 +152,19 @@ def test_poisson_client_sampling_is_random_sized_and_strategy_independent(tiny_m
         assert_trees_close(params, finals[0])
     with pytest.raises(ValueError, match="poisson_rate"):
         Simulator(algorithm, arrays, poisson_rate=1.5)
+
+
+def test_client_outputs_of_a_poisson_round_are_the_sampled_clients(tiny_model, tiny_params):
+    # Regression: the sampled rows were indexed a second time with a [K] mask (IndexError).
+    algorithm = _algorithms(tiny_model)["fedavg"]
+    arrays = make_client_arrays(COUNTS * 2, n_slots=13)
+    sim = Simulator(algorithm, arrays, seed=4, strategy="loop", poisson_rate=0.5)
+    state = algorithm.init(tiny_params)
+    out = sim.client_outputs(state, 2)
+    ids = sim.sample_clients(2)
+    assert 0 < len(ids) < len(COUNTS) * 2
+    np.testing.assert_array_equal(out["clients"], ids)
+    assert out["updates"].shape[0] == out["weights"].shape[0] == len(ids)
+    np.testing.assert_allclose(out["weights"], np.asarray(COUNTS * 2)[ids])
+    mean = out["weights"] @ out["updates"] / out["weights"].sum()
+    np.testing.assert_allclose(sim.released_update(state, 2), mean, rtol=1e-5, atol=1e-7)
