@@ -238,7 +238,15 @@ def default_config() -> ml_collections.ConfigDict:
     # probability client_fraction (what user-level DP accounting assumes; random count).
     config.client_sampling = "fixed"
     config.strategy = "auto"  # auto | vmap | chunked | scan | loop | shard_map (jaxfl.backends)
+    # Clients vmapped together by "chunked" (per device under shard_map on accelerators), and
+    # sent to the device at a time when data streams. 0 = automatic: the largest chunk whose
+    # memory, as XLA's compiler reports it for the client program at chunks of 1 and 2
+    # (jaxfl.memory), fits memory_limit_gb (streaming: the chunk's data, model, optimizer
+    # state and activations; device placement: that plus all client data, resident).
     config.chunk_size = 64
+    # The memory a chunk may use with chunk_size = 0, in GiB; 0 = half the device's memory
+    # (jaxfl.memory.MEMORY_FRACTION of the allocator limit on accelerators, of RAM on CPU).
+    config.memory_limit_gb = 0.0
     # Where client data lives: "device" (all of it, once), "stream" (on the host; chunk_size
     # clients at a time go to the device) or "auto" (stream when it would fill more than half
     # of the device's memory; jaxfl.backends.choose_placement).

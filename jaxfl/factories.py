@@ -18,9 +18,11 @@ from jaxfl.algorithms.perfedavg import perfedavg
 from jaxfl.algorithms.scaffold import scaffold
 from jaxfl.backends import (
     ClientBackend,
+    ClientFn,
     StreamingBackend,
     choose_placement,
     make_backend,
+    resolve_strategy,
     tree_nbytes,
 )
 from jaxfl.data import (
@@ -64,11 +66,18 @@ from jaxfl.data.volumes import (
     volume_dataset,
 )
 from jaxfl.errors import ConfigError
+from jaxfl.memory import auto_chunk_size, memory_cap_bytes, per_device_chunk
 from jaxfl.models import get_model
 from jaxfl.personalize import LocalOnly, PersonalizedEval, make_personalized_eval
 from jaxfl.privacy.plan import PrivacyPlan, plan_privacy
 from jaxfl.secure.aggregators import HostAggregator, make_host_aggregator
-from jaxfl.simulate import INIT_STREAM, Simulator, num_sampled_clients
+from jaxfl.simulate import (
+    INIT_STREAM,
+    Simulator,
+    client_contribution,
+    client_rows,
+    num_sampled_clients,
+)
 from jaxfl.tasks import CLASSIFICATION, Task, make_loss
 from jaxfl.tasks.seg_ops import IGNORE_LABEL, balanced_class_weights
 from jaxfl.tasks.segmentation import Segmentation
@@ -499,13 +508,92 @@ def build_algorithm(
     raise ValueError(f"config.algorithm.name={name!r}; choose one of {ALGORITHMS}.")
 
 
-def build_backend(config: ml_collections.ConfigDict, train: ClientArrays) -> ClientBackend:
-    """The execution backend of ``config.strategy`` (and ``config.chunk_size``), streaming
-    ``train`` from the host when ``config.placement`` says so (``auto``: by its size)."""
-    backend = make_backend(config.strategy, chunk_size=config.chunk_size)
-    if data_placement(config, train) == "device":
+def client_program(
+    config: ml_collections.ConfigDict,
+    task: Task,
+    model,
+    train: ClientArrays,
+    algorithm: FederatedAlgorithm | None,
+) -> tuple[ClientFn, Any]:
+    """``(fn, shared)``: the simulator's per-client contribution of ``algorithm`` and the
+    shapes of what it broadcasts (``(model, client stream key, round)``), from the model's
+    input shape ``train.examples[task.input_key] [K, L, ...]``; nothing is initialized or read.
+
+    For the local-only baseline (``algorithm`` None) it is FedAvg's client update with
+    ``config.local``'s optimizer, what LocalOnly trains each client with.
+    """
+    if algorithm is None:
+        algorithm = fedavg(
+            make_loss(task, model.apply),
+            build_optimizer(config.local),
+            build_optimizer(config.server),
+            batch_size=config.local.batch_size,
+            epochs=config.local.epochs,
+        )
+    shape = train.examples[task.input_key].shape[2:]
+    key = jax.random.key(0)
+    params = jax.eval_shape(lambda: model.init(key, jnp.zeros((1, *shape), jnp.float32))["params"])
+    state = jax.eval_shape(algorithm.init, params)
+    shared = (
+        jax.eval_shape(algorithm.broadcast, state),
+        jax.eval_shape(lambda: key),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
+    return client_contribution(algorithm), shared
+
+
+def resolve_chunk_size(
+    config: ml_collections.ConfigDict,
+    train: ClientArrays,
+    placement: str,
+    program: tuple[ClientFn, Any] | None,
+    devices: Sequence[jax.Device],
+    per_round: int | None = None,
+) -> int:
+    """``config.chunk_size``, or for 0 the largest chunk whose XLA memory estimate fits
+    ``config.memory_limit_gb`` (:func:`jaxfl.memory.auto_chunk_size`; with ``placement``
+    ``"device"`` the resident client data counts against the cap too). ``program``:
+    :func:`client_program`'s ``(fn, shared)``, needed only for 0; ``per_round``: the clients
+    a round runs (default all), the most a chunk needs. Strategies that use no chunk
+    (``vmap``, ``scan``, ``loop``, ``shard_map`` with ``scan`` within devices) on resident data
+    get 1 without compiling anything."""
+    if config.chunk_size:
+        return int(config.chunk_size)
+    strategy = resolve_strategy(config.strategy, devices)
+    chunked = strategy == "chunked" or (strategy == "shard_map" and devices[0].platform != "cpu")
+    if placement == "device" and not chunked:
+        logging.info("config.chunk_size=0: strategy %s on resident data uses no chunk", strategy)
+        return 1
+    if program is None:
+        raise ValueError("chunk_size=0 (automatic) needs the client program to estimate")
+    fn, shared = program
+    cap = memory_cap_bytes(float(config.get("memory_limit_gb", 0.0)), devices[0])
+    resident = tree_nbytes(train) if placement == "device" else 0
+    limit = per_round or train.num_clients
+    chunk, _ = auto_chunk_size(
+        fn, shared, client_rows(train), cap, limit=limit, resident_bytes=resident
+    )
+    # Streaming over a sharded backend splits each chunk between the devices.
+    if placement == "stream":
+        chunk = min(per_device_chunk(chunk, devices, strategy == "shard_map"), limit)
+    return chunk
+
+
+def build_backend(
+    config: ml_collections.ConfigDict,
+    train: ClientArrays,
+    program: tuple[ClientFn, Any] | None = None,
+    per_round: int | None = None,
+) -> ClientBackend:
+    """The execution backend of ``config.strategy`` (and ``config.chunk_size``, 0 = chosen
+    from ``program``'s memory, :func:`resolve_chunk_size`), streaming ``train`` from the host
+    when ``config.placement`` says so (``auto``: by its size)."""
+    placement = data_placement(config, train)
+    chunk = resolve_chunk_size(config, train, placement, program, jax.devices(), per_round)
+    backend = make_backend(config.strategy, chunk_size=chunk)
+    if placement == "device":
         return backend
-    streaming = StreamingBackend(backend, config.chunk_size)
+    streaming = StreamingBackend(backend, chunk)
     logging.info(
         "Client data (%.2f GiB) stays on the host; %d clients at a time go to the device",
         tree_nbytes(train) / 2**30,
@@ -555,7 +643,13 @@ def build_runner(
     rate: float | None,
 ) -> tuple[Simulator | LocalOnly, FederatedAlgorithm | None]:
     """The round runner: a :class:`Simulator` over the algorithm, or :class:`LocalOnly`."""
+    auto = not config.chunk_size  # the chunk size is chosen from the client program's memory
+    # A Poisson round runs every client's slot; a fixed-size one its sampled clients.
+    local = config.algorithm.name == "local"  # local-only training runs every client
+    k = train.num_clients
+    per_round = k if rate or local else num_sampled_clients(sampling, k)
     if config.algorithm.name == "local":
+        program = client_program(config, task, model, train, None) if auto else None
         runner = LocalOnly(
             make_loss(task, model.apply),
             build_optimizer(config.local),
@@ -563,16 +657,17 @@ def build_runner(
             batch_size=config.local.batch_size,
             epochs=config.local.epochs,
             seed=config.seed,
-            backend=build_backend(config, train),
+            backend=build_backend(config, train, program, per_round),
             task=task,
         )
         return runner, None
     algorithm = build_algorithm(config, model, privacy, task)
+    program = client_program(config, task, model, train, algorithm) if auto else None
     sim = Simulator(
         algorithm,
         train,
         seed=config.seed,
-        backend=build_backend(config, train),
+        backend=build_backend(config, train, program, per_round),
         clients_per_round=sampling,
         poisson_rate=rate,
         host_aggregator=build_host_aggregator(config, np.asarray(train.counts)),

@@ -130,6 +130,13 @@ def _contribution(
     return Aggregate(tree_scale(out.update, out.weight), out.weight, out.metrics)
 
 
+def client_contribution(algorithm: FederatedAlgorithm):
+    """The per-client function ``fn(shared, data, cid, valid) -> Aggregate`` that a round sums
+    through its backend (``shared = (broadcast, client stream, round)``); what
+    :mod:`jaxfl.memory` compiles to size chunks."""
+    return functools.partial(_contribution, algorithm)
+
+
 def _client_output(algorithm: FederatedAlgorithm, shared: tuple, data, cid, valid):
     """One client's ``(flat update [D], weight)`` for host aggregation."""
     out = _client_update(algorithm, shared, data, cid, valid)
@@ -231,7 +238,7 @@ class Simulator:
         self.sample_stream = jax.random.fold_in(root, SAMPLE_STREAM)
         self.client_stream = jax.random.fold_in(root, CLIENT_STREAM)
         self.server_stream = jax.random.fold_in(root, SERVER_STREAM)
-        self._sum = self.backend.sum(functools.partial(_contribution, algorithm))
+        self._sum = self.backend.sum(client_contribution(algorithm))
         self._outputs = self.backend.map(functools.partial(_client_output, algorithm))
         self._finish = jax.jit(functools.partial(_finish, algorithm))
         self.host_aggregator = host_aggregator

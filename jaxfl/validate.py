@@ -107,8 +107,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for part in ("local", "server"):
         _choice(errors, f"{part}.optimizer", config[part].optimizer, OPTIMIZERS)
         _positive(errors, f"{part}.learning_rate", config[part].learning_rate, float)
-    for field in ("num_clients", "rounds", "eval_every", "chunk_size", "eval_batch_size"):
+    for field in ("num_clients", "rounds", "eval_every", "eval_batch_size"):
         _positive(errors, field, config[field])
+    if config.chunk_size != 0:  # 0 = automatic (jaxfl.memory)
+        _positive(errors, "chunk_size", config.chunk_size)
+    limit = config.get("memory_limit_gb", 0.0)
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or limit < 0:
+        errors.append(
+            f"config.memory_limit_gb={limit!r} must be a number >= 0 (GiB a chunk of clients "
+            "may use with chunk_size=0; 0 = half the device's memory)."
+        )
     _positive(errors, "local.batch_size", config.local.batch_size)
     _positive(errors, "local.epochs", config.local.epochs)
     if config.checkpoint_every < 0:
