@@ -1,0 +1,117 @@
+"""The memory model (jaxfl.memory) and the automatic chunk size (config.chunk_size = 0)."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from helpers import TinyMLP
+
+from configs import debug
+from jaxfl import memory
+from jaxfl.algorithms import classification_loss, fedavg
+from jaxfl.errors import ConfigError
+from jaxfl.metrics import read_metrics
+from jaxfl.simulate import client_contribution
+from jaxfl.sweep import apply_overrides
+from jaxfl.train import train_and_evaluate
+from jaxfl.types import ClientData
+from jaxfl.validate import validate_config
+
+
+def _program(examples: int, shape=(8, 8, 1)):
+    """``(fn, shared, one client's shapes)`` of FedAvg's contribution for TinyMLP clients of
+    ``examples`` examples each (shapes only: nothing is initialized)."""
+    model = TinyMLP(hidden=16)
+    alg = fedavg(
+        classification_loss(model.apply), optax.adam(1e-2), optax.sgd(1.0), batch_size=4, epochs=1
+    )
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape))))
+    state = jax.eval_shape(alg.init, params["params"])
+    shared = (
+        jax.eval_shape(alg.broadcast, state),
+        jax.eval_shape(lambda: jax.random.key(0)),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
+    client = ClientData(
+        {
+            "image": jax.ShapeDtypeStruct((examples, *shape), jnp.float32),
+            "label": jax.ShapeDtypeStruct((examples,), jnp.int32),
+        },
+        jax.ShapeDtypeStruct((examples,), jnp.float32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
+    return client_contribution(alg), shared, client
+
+
+def test_chosen_chunk_fits_the_cap_by_xlas_own_count_and_one_more_would_not():
+    fn, shared, client = _program(32)
+    est = memory.estimate_client_memory(fn, shared, client)
+    # A cap half a client above the estimate of 3 clients: 3 fit, 4 do not.
+    cap = est.bytes_for(3) + est.per_client_bytes // 2
+    chunk = memory.largest_chunk(est, cap)
+    assert chunk == 3
+    assert memory.chunk_bytes(fn, shared, client, chunk) <= cap
+    assert memory.chunk_bytes(fn, shared, client, chunk + 1) > cap
+    assert memory.largest_chunk(est, cap, limit=2) == 2  # never more than a round's clients
+
+
+def test_fit_is_linear_positive_and_grows_with_examples_per_client():
+    fn, shared, small = _program(16)
+    _, _, large = _program(256)
+    a = memory.estimate_client_memory(fn, shared, small)
+    b = memory.estimate_client_memory(fn, shared, large)
+    assert a.per_client_bytes > 0 and a.measured[1] > a.measured[0]
+    # 240 more examples of 8x8 float32 (+ labels, mask) at least: the client's data is counted.
+    assert b.per_client_bytes - a.per_client_bytes >= 240 * (64 * 4 + 4 + 4)
+    # The line predicts a third chunk size it was not fitted to within 10%.
+    measured = memory.chunk_bytes(fn, shared, small, 6)
+    assert abs(a.bytes_for(6) - measured) <= 0.1 * measured
+
+
+def test_impossible_cap_is_a_config_error_naming_the_fields():
+    fn, shared, client = _program(16)
+    per_client = jax.tree.map(lambda s: jax.ShapeDtypeStruct((5, *s.shape), s.dtype), client)
+    with pytest.raises(ConfigError, match="memory_limit_gb") as e:
+        memory.auto_chunk_size(fn, shared, per_client, cap_bytes=1000)
+    assert "local.batch_size" in str(e.value) and "not even one client" in str(e.value)
+
+
+def test_validation_accepts_automatic_chunk_size_and_refuses_negative_fields():
+    config = debug.get_config()
+    config.chunk_size = 0
+    config.memory_limit_gb = 0.5
+    validate_config(config)
+    config.chunk_size = -1
+    config.memory_limit_gb = -2.0
+    with pytest.raises(ConfigError) as e:
+        validate_config(config)
+    assert "config.chunk_size=-1" in str(e.value) and "config.memory_limit_gb=-2.0" in str(e.value)
+
+
+def test_config_with_automatic_chunk_size_streams_end_to_end(tmp_path, caplog):
+    config = apply_overrides(
+        debug.get_config(),
+        {
+            "rounds": 2,
+            "num_clients": 6,
+            "data.n_train": 240,
+            "data.n_test": 64,
+            "local.epochs": 1,
+            "model.name": "mlp",
+            "placement": "stream",
+            "chunk_size": 0,
+            "memory_limit_gb": 0.02,
+            "checkpoint_every": 0,
+        },
+    )
+    with caplog.at_level(logging.INFO):
+        final = train_and_evaluate(config, tmp_path)
+    chosen = [r.getMessage() for r in caplog.records if "Automatic chunk size" in r.getMessage()]
+    assert len(chosen) == 1 and "per client" in chosen[0] and "cap 20.5 MiB" in chosen[0]
+    lines = read_metrics(tmp_path / "metrics.jsonl")
+    assert [m["round"] for m in lines] == [1, 2]
+    assert final["clients"] == 6 and 0 <= final["test_accuracy"] <= 1
