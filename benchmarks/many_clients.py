@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPE = (28, 28, 3)
+CHANNELS = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients-per-round", type=int, default=0, help="0 = all K")
     p.add_argument("--rounds", type=int, default=1, help="timed rounds after the warm-up")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=28, help="images are SIZE x SIZE x 3")
     p.add_argument("--memory-limit-gb", type=float, default=1.0, help="0 = half the device's")
     p.add_argument("--strategy", default="auto")
     p.add_argument("--scratch", default=str(Path(tempfile.gettempdir()) / "jaxfl_many_clients"))
@@ -48,25 +49,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def image_path(args: argparse.Namespace, clients: int) -> Path:
-    return Path(args.scratch) / f"image_{clients}x{args.per_client}.npy"
+def image_shape(size: int) -> tuple[int, int, int]:
+    return (size, size, CHANNELS)
 
 
-def write_images(path: Path, clients: int, per_client: int, piece: int) -> float:
-    """Random images ``[clients * per_client, 28, 28, 3]`` float32 into a ``.npy`` at ``path``,
-    ``piece`` clients at a time with plain file writes (no mapping, so this process holds one
-    piece); an existing file of that shape is kept. Returns the seconds spent writing."""
+def image_path(scratch: str, clients: int, per_client: int, size: int) -> Path:
+    return Path(scratch) / f"image_{clients}x{per_client}x{size}.npy"
+
+
+def write_images(path: Path, clients: int, per_client: int, size: int, piece: int = 100) -> float:
+    """Random images ``[clients * per_client, size, size, 3]`` float32 into a ``.npy`` at
+    ``path``, ``piece`` clients at a time with plain file writes (no mapping, so this process
+    holds one piece); an existing file of that shape is kept. Returns the seconds spent writing."""
     rows = clients * per_client
+    shape = image_shape(size)
     if path.exists():
         try:
-            if np.load(path, mmap_mode="r").shape == (rows, *SHAPE):
+            if np.load(path, mmap_mode="r").shape == (rows, *shape):
                 return 0.0
         except ValueError:
             pass
     start = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
-    header = np.lib.format.open_memmap(tmp, "w+", np.float32, (rows, *SHAPE))
+    header = np.lib.format.open_memmap(tmp, "w+", np.float32, (rows, *shape))
     del header  # the file now has its header and its full (sparse) size
     offset = np.load(tmp, mmap_mode="r").offset
     rng = np.random.default_rng(0)
@@ -74,7 +80,7 @@ def write_images(path: Path, clients: int, per_client: int, piece: int) -> float
         f.seek(offset)
         for c in range(0, clients, piece):
             n = (min(c + piece, clients) - c) * per_client
-            f.write(rng.random((n, *SHAPE), dtype=np.float32).tobytes())
+            f.write(rng.random((n, *shape), dtype=np.float32).tobytes())
     tmp.rename(path)
     return time.perf_counter() - start
 
@@ -93,7 +99,35 @@ class _ChunkLog(logging.Handler):
 
 
 def run_one(args: argparse.Namespace, k: int) -> dict:
-    """K clients in this process: lazy views of the file, warm-up round, timed rounds."""
+    """K clients in this process, read from the file of the largest K of ``args.clients``."""
+    big = max(int(c) for c in args.clients.split(","))
+    path = image_path(args.scratch, big, args.per_client, args.image_size)
+    return measure(
+        path,
+        k,
+        per_client=args.per_client,
+        clients_per_round=args.clients_per_round,
+        rounds=args.rounds,
+        batch_size=args.batch_size,
+        memory_limit_gb=args.memory_limit_gb,
+        strategy=args.strategy,
+    )
+
+
+def measure(
+    path: Path,
+    k: int,
+    *,
+    per_client: int,
+    clients_per_round: int = 0,
+    rounds: int = 1,
+    batch_size: int = 16,
+    memory_limit_gb: float = 1.0,
+    strategy: str = "auto",
+) -> dict:
+    """The first ``k`` clients of the images at ``path`` (``per_client`` rows each) as lazy
+    views, streamed with an automatic chunk: build, one warm-up round, ``rounds`` timed rounds.
+    Returns the row (times, peak RSS, the chunk and why)."""
     import jax
 
     from configs import debug
@@ -105,9 +139,8 @@ def run_one(args: argparse.Namespace, k: int) -> dict:
     log = _ChunkLog()
     logging.getLogger().addHandler(log)
     logging.getLogger().setLevel(logging.INFO)
-    n = args.per_client
-    big = max(int(c) for c in args.clients.split(","))
-    image = np.load(image_path(args, big), mmap_mode="r")[: k * n]  # a view: nothing is read
+    n = per_client
+    image = np.load(path, mmap_mode="r")[: k * n]  # a view: nothing is read
     rng = np.random.default_rng(1)
     examples = {"image": image, "label": rng.integers(0, 8, k * n).astype(np.int32)}
     clients = [np.arange(c * n, (c + 1) * n) for c in range(k)]
@@ -116,17 +149,15 @@ def run_one(args: argparse.Namespace, k: int) -> dict:
     config.num_clients = k
     config.placement = "stream"
     config.chunk_size = 0
-    config.memory_limit_gb = args.memory_limit_gb
-    config.strategy = args.strategy
-    config.clients_per_round = args.clients_per_round
-    config.local.batch_size = args.batch_size
+    config.memory_limit_gb = memory_limit_gb
+    config.strategy = strategy
+    config.clients_per_round = clients_per_round
+    config.local.batch_size = batch_size
     config.local.epochs = 1
     model = factories.build_model(config, 8)
     task = factories.build_task(config)
     start = time.perf_counter()
-    runner, _ = factories.build_runner(
-        config, task, model, train, None, args.clients_per_round, None
-    )
+    runner, _ = factories.build_runner(config, task, model, train, None, clients_per_round, None)
     build_s = time.perf_counter() - start
     key = jax.random.fold_in(jax.random.key(0), INIT_STREAM)
     state = runner.init(factories.init_params(model, train.examples["image"][0], key))
@@ -136,7 +167,7 @@ def run_one(args: argparse.Namespace, k: int) -> dict:
     warmup_s = time.perf_counter() - start
     rss_after_warmup = peak_rss_mib()
     times, metrics = [], {}
-    for r in range(args.rounds):
+    for r in range(rounds):
         start = time.perf_counter()
         state, metrics = runner.run_round(state, 1 + r)
         jax.block_until_ready(state)
@@ -147,12 +178,13 @@ def run_one(args: argparse.Namespace, k: int) -> dict:
         "clients": k,
         "per_client": n,
         "clients_per_round": per_round,
-        "data_gib": k * n * int(np.prod(SHAPE)) * 4 / 2**30,
+        "image_shape": list(image.shape[1:]),
+        "data_gib": image.nbytes / 2**30,
         "backend": runner.backend.description,
         "chunk": runner.backend.chunk,
         "chunk_log": log.lines,
-        "memory_limit_gb": args.memory_limit_gb,
-        "batch_size": args.batch_size,
+        "memory_limit_gb": memory_limit_gb,
+        "batch_size": batch_size,
         "local_steps_mean": metrics.get("local_steps_mean"),
         "examples_seen": metrics.get("examples_seen"),
         "build_s": build_s,
@@ -174,8 +206,9 @@ def main(argv=None) -> list[dict]:
         Path(args.row).write_text(json.dumps(run_one(args, args.one)))
         return []
     ks = [int(c) for c in args.clients.split(",")]
-    written = write_images(image_path(args, max(ks)), max(ks), args.per_client, args.write_clients)
-    print(f"data file {image_path(args, max(ks))} (written in {written:.0f} s)", file=sys.stderr)
+    path = image_path(args.scratch, max(ks), args.per_client, args.image_size)
+    written = write_images(path, max(ks), args.per_client, args.image_size, args.write_clients)
+    print(f"data file {path} (written in {written:.0f} s)", file=sys.stderr)
     rows = []
     root = str(Path(__file__).resolve().parents[1])
     print(
