@@ -514,10 +514,12 @@ def client_program(
     model,
     train: ClientArrays,
     algorithm: FederatedAlgorithm | None,
-) -> tuple[ClientFn, Any]:
-    """``(fn, shared)``: the simulator's per-client contribution of ``algorithm`` and the
-    shapes of what it broadcasts (``(model, client stream key, round)``), from the model's
-    input shape ``train.examples[task.input_key] [K, L, ...]``; nothing is initialized or read.
+) -> tuple[ClientFn, Any, Any]:
+    """``(fn, shared, per_client)``: the simulator's per-client function of ``algorithm``
+    (:func:`~jaxfl.simulate.client_contribution`), the shapes of what it broadcasts (``(model,
+    client stream key, round)``) and of what it maps over ``[K, ...]`` (the client rows of
+    ``train``, with every client's state for a stateful algorithm); nothing is initialized or
+    read.
 
     For the local-only baseline (``algorithm`` None) it is FedAvg's client update with
     ``config.local``'s optimizer, what LocalOnly trains each client with.
@@ -539,22 +541,30 @@ def client_program(
         jax.eval_shape(lambda: key),
         jax.ShapeDtypeStruct((), jnp.int32),
     )
-    return client_contribution(algorithm), shared
+    k = train.num_clients
+    per_client = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), client_rows(train)
+    )
+    if algorithm.stateful:
+        one = jax.eval_shape(algorithm.client_init, params)
+        states = jax.tree.map(lambda s: jax.ShapeDtypeStruct((k, *s.shape), s.dtype), one)
+        per_client = (per_client, states)
+    return client_contribution(algorithm), shared, per_client
 
 
 def resolve_chunk_size(
     config: ml_collections.ConfigDict,
     train: ClientArrays,
     placement: str,
-    program: tuple[ClientFn, Any] | None,
+    program: tuple[ClientFn, Any, Any] | None,
     devices: Sequence[jax.Device],
     per_round: int | None = None,
 ) -> int:
     """``config.chunk_size``, or for 0 the largest chunk whose XLA memory estimate fits
     ``config.memory_limit_gb`` (:func:`jaxfl.memory.auto_chunk_size`; with ``placement``
     ``"device"`` the resident client data counts against the cap too). ``program``:
-    :func:`client_program`'s ``(fn, shared)``, needed only for 0; ``per_round``: the clients
-    a round runs (default all), the most a chunk needs. Strategies that use no chunk
+    :func:`client_program`'s ``(fn, shared, per_client)``, needed only for 0; ``per_round``:
+    the clients a round runs (default all), the most a chunk needs. Strategies that use no chunk
     (``vmap``, ``scan``, ``loop``, ``shard_map`` with ``scan`` within devices) on resident data
     get 1 without compiling anything."""
     if config.chunk_size:
@@ -566,13 +576,12 @@ def resolve_chunk_size(
         return 1
     if program is None:
         raise ValueError("chunk_size=0 (automatic) needs the client program to estimate")
-    fn, shared = program
+    fn, shared, per_client = program
     cap = memory_cap_bytes(float(config.get("memory_limit_gb", 0.0)), devices[0])
-    resident = tree_nbytes(train) if placement == "device" else 0
+    # Resident data: every client's rows (and state), which stay on the device between chunks.
+    resident = tree_nbytes(per_client) if placement == "device" else 0
     limit = per_round or train.num_clients
-    chunk, _ = auto_chunk_size(
-        fn, shared, client_rows(train), cap, limit=limit, resident_bytes=resident
-    )
+    chunk, _ = auto_chunk_size(fn, shared, per_client, cap, limit=limit, resident_bytes=resident)
     # Streaming over a sharded backend splits each chunk between the devices.
     if placement == "stream":
         chunk = min(per_device_chunk(chunk, devices, strategy == "shard_map"), limit)
@@ -582,7 +591,7 @@ def resolve_chunk_size(
 def build_backend(
     config: ml_collections.ConfigDict,
     train: ClientArrays,
-    program: tuple[ClientFn, Any] | None = None,
+    program: tuple[ClientFn, Any, Any] | None = None,
     per_round: int | None = None,
 ) -> ClientBackend:
     """The execution backend of ``config.strategy`` (and ``config.chunk_size``, 0 = chosen

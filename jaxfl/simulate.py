@@ -131,9 +131,12 @@ def _contribution(
 
 
 def client_contribution(algorithm: FederatedAlgorithm):
-    """The per-client function ``fn(shared, data, cid, valid) -> Aggregate`` that a round sums
-    through its backend (``shared = (broadcast, client stream, round)``); what
-    :mod:`jaxfl.memory` compiles to size chunks."""
+    """The per-client function a round runs through its backend (``shared = (broadcast, client
+    stream, round)``), what :mod:`jaxfl.memory` compiles to size chunks: ``fn(shared, data, cid,
+    valid) -> Aggregate``, or for a stateful algorithm ``fn(shared, (data, state), cid, valid)
+    -> ClientOutput`` (new state included)."""
+    if algorithm.stateful:
+        return functools.partial(_stateful_update, algorithm)
     return functools.partial(_contribution, algorithm)
 
 

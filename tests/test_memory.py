@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from helpers import TinyMLP
+from helpers import TinyMLP, make_client_arrays
 
 from configs import debug
-from jaxfl import memory
+from jaxfl import backends, factories, memory
 from jaxfl.algorithms import classification_loss, fedavg
 from jaxfl.errors import ConfigError
 from jaxfl.metrics import read_metrics
@@ -114,4 +114,63 @@ def test_config_with_automatic_chunk_size_streams_end_to_end(tmp_path, caplog):
     assert len(chosen) == 1 and "per client" in chosen[0] and "cap 20.5 MiB" in chosen[0]
     lines = read_metrics(tmp_path / "metrics.jsonl")
     assert [m["round"] for m in lines] == [1, 2]
+    assert final["clients"] == 6 and 0 <= final["test_accuracy"] <= 1
+
+
+def _debug_program(name: str, **overrides):
+    """``client_program`` of the debug config's MLP for algorithm ``name`` on 5 clients."""
+    config = apply_overrides(
+        debug.get_config(),
+        {"model.name": "mlp", "algorithm.name": name, "local.optimizer": "sgd", **overrides},
+    )
+    model = factories.build_model(config, 4)
+    task = factories.build_task(config)
+    train = make_client_arrays([6, 4, 8, 5, 7], n_slots=8, shape=(8, 8, 1), num_classes=4)
+    algorithm = factories.build_algorithm(config, model, None, task)
+    return config, train, factories.client_program(config, task, model, train, algorithm)
+
+
+def test_a_stateful_clients_state_counts_in_its_memory_and_against_resident_data():
+    _, train, (fn, shared, stateless) = _debug_program("fedavg")
+    config, _, (sfn, sshared, stateful) = _debug_program("scaffold")
+    data, states = stateful
+    assert jax.tree.leaves(states)[0].shape[0] == train.num_clients
+    plain = memory.estimate_client_memory(fn, shared, memory.one_client(stateless))
+    with_state = memory.estimate_client_memory(sfn, sshared, memory.one_client(stateful))
+    # SCAFFOLD's control variate c_i is one copy of the parameters per client, an argument of
+    # every client's program (the two programs' temporaries differ, hence the margin).
+    params_bytes = backends.tree_nbytes(shared[0])  # FedAvg broadcasts the parameters
+    assert with_state.per_client_bytes - plain.per_client_bytes >= params_bytes // 2
+    # On resident data the chunk pays for every client's rows and state up front.
+    config.chunk_size, config.strategy, config.memory_limit_gb = 0, "chunked", 1.0
+    program = (sfn, sshared, stateful)
+    resident = backends.tree_nbytes(stateful)
+    assert resident > backends.tree_nbytes(train)
+    chunk = factories.resolve_chunk_size(config, train, "device", program, jax.devices())
+    assert chunk == train.num_clients  # 1 GiB holds a round of these 5 clients
+    config.memory_limit_gb = (resident + with_state.bytes_for(2) + 1) / 2**30
+    assert factories.resolve_chunk_size(config, train, "device", program, jax.devices()) == 2
+
+
+def test_stateful_run_with_automatic_chunk_size_streams_end_to_end(tmp_path):
+    config = apply_overrides(
+        debug.get_config(),
+        {
+            "rounds": 2,
+            "num_clients": 6,
+            "data.n_train": 240,
+            "data.n_test": 64,
+            "local.epochs": 1,
+            "local.optimizer": "sgd",
+            "local.learning_rate": 0.05,
+            "model.name": "mlp",
+            "algorithm.name": "scaffold",
+            "placement": "stream",
+            "chunk_size": 0,
+            "memory_limit_gb": 0.02,
+            "checkpoint_every": 0,
+        },
+    )
+    final = train_and_evaluate(config, tmp_path)
+    assert [m["round"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     assert final["clients"] == 6 and 0 <= final["test_accuracy"] <= 1
