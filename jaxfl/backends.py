@@ -54,6 +54,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -300,6 +301,9 @@ class ShardMapBackend:
         self._sharded = NamedSharding(self.mesh, P(AXIS))
         self._replicated = NamedSharding(self.mesh, P())
         self._gather = jax.jit(lambda tree, rows: _select(tree, rows), out_shardings=self._sharded)
+        # False when the mesh spans other processes' devices (jax.distributed): arrays cross
+        # the boundary as host values every process holds alike (see put_global).
+        self._local = self._sharded.is_fully_addressable
 
     @property
     def num_devices(self) -> int:
@@ -309,6 +313,10 @@ class ShardMapBackend:
         d = self.num_devices
 
         def put(a):
+            if isinstance(a, jax.Array) and a.sharding == self._sharded and a.shape[0] % d == 0:
+                return a  # placed here already (e.g. client states)
+            if not self._local:  # each process builds only its own devices' shards
+                return put_global(_pad_rows(np.asarray(a), d), self._sharded)
             a = jnp.asarray(a)
             pad = -a.shape[0] % d
             if pad:
@@ -373,6 +381,8 @@ class ShardMapBackend:
 
     def _share(self, shared: PyTree) -> PyTree:
         """``shared`` replicated on the mesh (it may come from a single-device computation)."""
+        if not self._local:
+            return put_global(shared, self._replicated)
         return jax.device_put(shared, self._replicated)
 
     def _shard_fn(self, fn: ClientFn, traced, batch, out_spec):
@@ -411,6 +421,8 @@ class ShardMapBackend:
             # The sum is replicated on the mesh; hand it on from the first device, so what
             # follows (the server update) runs there with the state, as on the other backends.
             out = run(shared, per_client, ids, valid, costs)[0]
+            if not self._local:  # every process holds the replicated sum: take its own copy
+                return jax.tree.map(lambda x: x.addressable_data(0), out)
             return jax.device_put(out, self.devices[0])
 
         return call
@@ -420,6 +432,8 @@ class ShardMapBackend:
 
         def call(shared, per_client, ids, valid, costs=None):
             out, keep, t = run(shared, per_client, ids, valid, costs)
+            if not self._local:  # every process gets every client's output, as one process does
+                out = jax.tree.map(jnp.asarray, multihost_utils.process_allgather(out, tiled=True))
             if len(keep) == t * self.num_devices and np.array_equal(keep, np.arange(len(keep))):
                 return out
             return jax.tree.map(lambda x: x[jnp.asarray(keep)], out)
@@ -537,6 +551,30 @@ class StreamingBackend:
             return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
         return call
+
+
+def _pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
+    """``a`` with zero rows appended to a multiple of ``multiple`` rows."""
+    pad = -a.shape[0] % multiple
+    return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+
+
+def put_global(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
+    """``tree`` placed with a ``sharding`` that may span other processes' devices
+    (``jax.distributed``): every process passes the same host value and builds its own
+    devices' shards of it (``jax.make_array_from_callback``; a local array is read back to the
+    host first, which ``jax.device_put`` refuses to do across processes). PRNG keys travel as
+    their key data."""
+
+    def put(a):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(
+                put(jax.random.key_data(a)), impl=jax.random.key_impl(a)
+            )
+        host = np.asarray(a)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
 
 
 def tree_nbytes(tree: PyTree) -> int:

@@ -18,12 +18,24 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from jaxfl import distributed
 from jaxfl.algorithms.base import ServerState
 from jaxfl.defaults import flatten_fields
 from jaxfl.errors import UserError
 
 # Fields that may change between a run and its resumption without changing its results.
-RESUMABLE_FIELDS = frozenset({"rounds", "checkpoint_every", "dp.allow_exceeding_budget"})
+# How many processes run it is one of them: results are the same on one or several.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "rounds",
+        "checkpoint_every",
+        "dp.allow_exceeding_budget",
+        "distributed.enabled",
+        "distributed.coordinator_address",
+        "distributed.num_processes",
+        "distributed.process_id",
+    }
+)
 
 
 class ConfigMismatchError(UserError, RuntimeError):
@@ -88,12 +100,15 @@ class Checkpointer:
 
     def restore(self, like: ServerState) -> ServerState:
         """The newest checkpoint's state, restored into the structure of ``like``."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        if distributed.multi_process():
+            abstract = distributed.global_like(like)
+        else:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         restored = self.manager.restore(
             self.latest_round(),
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)),
         )
-        return restored["state"]
+        return distributed.to_local(restored["state"], like)
 
     def maybe_save(
         self,
@@ -108,7 +123,8 @@ class Checkpointer:
             self.manager.save(
                 rounds_done,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), ledger=ocp.args.JsonSave(ledger or {})
+                    state=ocp.args.StandardSave(distributed.to_global(state)),
+                    ledger=ocp.args.JsonSave(ledger or {}),
                 ),
             )
 

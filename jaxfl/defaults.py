@@ -238,6 +238,13 @@ def default_config() -> ml_collections.ConfigDict:
     # probability client_fraction (what user-level DP accounting assumes; random count).
     config.client_sampling = "fixed"
     config.strategy = "auto"  # auto | vmap | chunked | scan | loop | shard_map (jaxfl.backends)
+    # Several processes (hosts, or several on one machine) as one simulation on jax.distributed
+    # (jaxfl.distributed): the shard_map mesh spans every process's devices. Left empty, the
+    # address, process count and id come from the cluster (SLURM, Open MPI, TPU); results are
+    # the same as one process's.
+    config.distributed = ml_collections.ConfigDict(
+        dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
+    )
     # Clients vmapped together by "chunked" (per device under shard_map on accelerators), and
     # sent to the device at a time when data streams. 0 = automatic: the largest chunk whose
     # memory, as XLA's compiler reports it for the client program at chunks of 1 and 2

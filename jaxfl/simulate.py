@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxfl import distributed
 from jaxfl.algorithms.base import ClientOutput, FederatedAlgorithm, ServerState, weighted_mean
-from jaxfl.backends import ClientBackend, make_backend
+from jaxfl.backends import ClientBackend, make_backend, put_global
 from jaxfl.rng import os_key
 from jaxfl.runtime import tune_cpu_malloc
 from jaxfl.secure.entropy import os_uniform
@@ -273,7 +275,7 @@ class Simulator:
         """Sorted ids of the clients taking part in ``round_idx``."""
         if self.poisson_rate is not None:
             if self.secure_randomness:
-                u = os_uniform(self.num_clients)
+                u = distributed.from_primary(os_uniform, self.num_clients)
             else:
                 key = jax.random.fold_in(self.sample_stream, round_idx)
                 u = np.asarray(jax.random.uniform(key, (self.num_clients,)))
@@ -281,7 +283,8 @@ class Simulator:
         if self.per_round == self.num_clients:
             return np.arange(self.num_clients, dtype=np.int32)
         if self.secure_randomness:
-            ranks = np.argsort(os_uniform(self.num_clients))[: self.per_round]
+            u = distributed.from_primary(os_uniform, self.num_clients)
+            ranks = np.argsort(u)[: self.per_round]
             return np.sort(ranks.astype(np.int32))
         key = jax.random.fold_in(self.sample_stream, round_idx)
         ids = jax.random.choice(key, self.num_clients, (self.per_round,), replace=False)
@@ -303,7 +306,9 @@ class Simulator:
         noise, Poisson samples and shuffles of a round cannot be recomputed from the seed."""
         if not self.secure_randomness:
             return self.client_stream, self.server_stream
-        return os_key(), os_key()
+        # Every process of a multi-process run uses the same fresh keys: process 0 draws them.
+        client, server = distributed.from_primary(_fresh_key_data)
+        return jax.random.wrap_key_data(client), jax.random.wrap_key_data(server)
 
     def _round_inputs(self, state: ServerState, round_idx: int):
         """``(shared, slots, selected, server_stream)`` of a round: what the backend maps."""
@@ -356,7 +361,12 @@ class Simulator:
         """``clients`` with rows ``ids`` replaced by ``new``: on the device, or on the host
         (numpy, a copy) when the backend keeps client data there (streaming)."""
         if all(isinstance(a, jax.Array) for a in jax.tree.leaves(clients)):
-            return self._write_rows(clients, jnp.asarray(ids), new)
+            ids = jnp.asarray(ids)
+            sharding = jax.tree.leaves(clients)[0].sharding
+            if not sharding.is_fully_addressable:  # the rows span processes (jax.distributed)
+                replicated = NamedSharding(sharding.mesh, PartitionSpec())
+                ids, new = put_global((ids, new), replicated)
+            return self._write_rows(clients, ids, new)
 
         def write(a, b):
             a = np.array(a)
@@ -453,7 +463,10 @@ class Simulator:
             mean = np.zeros(size, np.float32)
         else:
             try:
-                result = self.host_aggregator.aggregate(flat, weights, round_idx)
+                # Encryption and masking draw from the OS: process 0's result is the round's.
+                result = distributed.from_primary(
+                    self.host_aggregator.aggregate, flat, weights, round_idx
+                )
             except SecAggError as e:
                 # Too many simulated dropouts to unmask: like a real deployment, the round
                 # fails and the global model stays as it was (logged and in the metrics).
@@ -482,6 +495,11 @@ class Simulator:
             )
             self._unravel_fn = _unravel_like(shapes.weighted_update)
         return self._unravel_fn
+
+
+def _fresh_key_data() -> tuple[np.ndarray, np.ndarray]:
+    """Two fresh keys' data from the OS CSPRNG (:func:`jaxfl.rng.os_key`), as host arrays."""
+    return tuple(np.asarray(jax.random.key_data(os_key())) for _ in range(2))
 
 
 def _unravel_like(update) -> tuple:

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxfl import factories, runtime
+from jaxfl import distributed, factories, runtime
 from jaxfl.checkpoint import Checkpointer, check_same_config
 from jaxfl.errors import WorkdirError
 from jaxfl.metrics import read_metrics
@@ -56,7 +56,7 @@ def _usable_workdir(workdir: str | os.PathLike) -> Path:
         raise WorkdirError(f"--workdir={path} is a file, not a directory; choose another path.")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".jaxfl_write_test"
+        probe = path / f".jaxfl_write_test.{os.getpid()}"  # processes may share the workdir
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -66,10 +66,13 @@ def _usable_workdir(workdir: str | os.PathLike) -> Path:
     return path
 
 
-def _truncate_metrics(path: Path, rounds_done: int) -> list[dict[str, Any]]:
-    """Keep only the rounds covered by the checkpoint we resume from (later ones are redone)."""
+def _truncate_metrics(path: Path, rounds_done: int, write: bool) -> list[dict[str, Any]]:
+    """Keep only the rounds covered by the checkpoint we resume from (later ones are redone);
+    ``write``: rewrite the file (the process that owns the workdir's files)."""
     kept = [m for m in read_metrics(path) if m["round"] <= rounds_done]
-    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    distributed.barrier("metrics read")  # no process reads the file while it is rewritten
+    if write:
+        path.write_text("".join(json.dumps(m) + "\n" for m in kept))
     return kept
 
 
@@ -94,6 +97,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     last checkpoint (refusing if the config differs). Returns the last round's metrics.
     """
     validate_config(config)
+    distributed.initialize(config)
+    primary = distributed.is_primary()  # several processes: only process 0 writes files
     workdir = _usable_workdir(workdir)
     metrics_path = workdir / "metrics.jsonl"
     # Only a run with a checkpoint is resumed, so only then must the config match: a run that
@@ -101,7 +106,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if any((workdir / "checkpoints").glob("[0-9]*")):
         check_same_config(workdir, config)
     fed = load_federated_data(config)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    if primary:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
     checkpointer = Checkpointer(workdir, config.checkpoint_every)
     start_round = min(checkpointer.latest_round(), config.rounds)
@@ -121,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     stats_fn = make_stats_fn(task, model.apply)
     state = runner.init(params)
 
-    history = _truncate_metrics(metrics_path, start_round)
+    history = _truncate_metrics(metrics_path, start_round, write=primary)
     if start_round > 0:
         state = checkpointer.restore(state)
         logging.info("Resuming %s from the checkpoint after round %d", workdir, start_round)
@@ -165,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         desc="rounds",
         initial=start_round,
         total=config.rounds,
-        disable=not _use_progress_bar(),
+        disable=not (primary and _use_progress_bar()),
     )
     try:
         for r in bar:
@@ -195,8 +201,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if privacy.mode != "none":
                 metrics["not_covered_by_epsilon"] = uncovered_metrics(metrics)
             metrics = {k: _jsonable(v) for k, v in metrics.items()}
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            if primary:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
             ledger = {"noise_multipliers": privacy.ledger(r + 1)} if privacy.epsilons_for else {}
             checkpointer.maybe_save(r + 1, state, ledger, force=r + 1 == config.rounds)
             _report(bar, metrics, task, config.rounds, start, r + 1 - start_round)

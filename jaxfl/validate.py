@@ -73,6 +73,40 @@ def _positive(errors: list[str], field: str, value, kind: Callable = int) -> Non
         errors.append(f"config.{field}={value!r} must be a whole number.")
 
 
+def _distributed_errors(errors: list[str], config: ml_collections.ConfigDict) -> None:
+    """``config.distributed``: counts in range, and a strategy whose mesh spans processes."""
+    d = config.get("distributed")
+    if d is None or not d.enabled:
+        return
+    if config.strategy not in ("auto", "shard_map"):
+        errors.append(
+            f"config.strategy={config.strategy!r} runs every client in each process; with "
+            "distributed.enabled use strategy 'shard_map' (or 'auto'), whose device mesh spans "
+            "the processes."
+        )
+    if not isinstance(d.num_processes, int) or d.num_processes < 0:
+        errors.append(
+            f"config.distributed.num_processes={d.num_processes!r} must be an integer >= 0 "
+            "(0: from the cluster)."
+        )
+    elif not isinstance(d.process_id, int) or d.process_id < -1:
+        errors.append(
+            f"config.distributed.process_id={d.process_id!r} must be an integer >= 0 "
+            "(-1: from the cluster)."
+        )
+    elif d.num_processes and d.process_id >= d.num_processes:
+        errors.append(
+            f"config.distributed.process_id={d.process_id} must be below "
+            f"num_processes={d.num_processes} (ids run 0..{d.num_processes - 1})."
+        )
+    address = d.coordinator_address
+    if address and (not isinstance(address, str) or ":" not in address):
+        errors.append(
+            f"config.distributed.coordinator_address={address!r} must be 'HOST:PORT' (the "
+            "address of process 0, the same for every process), or empty: from the cluster."
+        )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Check names, ranges and the data file of ``config``; raise :class:`ConfigError`."""
     errors = unknown_field_errors(config)
@@ -119,6 +153,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     _positive(errors, "local.batch_size", config.local.batch_size)
     _positive(errors, "local.epochs", config.local.epochs)
+    _distributed_errors(errors, config)
     if config.checkpoint_every < 0:
         errors.append(
             f"config.checkpoint_every={config.checkpoint_every} must be >= 0 "
