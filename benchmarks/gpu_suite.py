@@ -11,7 +11,13 @@ comes from:
 - ``dp_overhead``: ``benchmarks/dp_overhead.py`` (plain vs DP-SGD round) with the ``vmap``
   per-example path, clients vmapped;
 - ``perfedavg``: ``benchmarks/round_cost.py`` seconds per round of FedAvg, Per-FedAvg FO and HF
-  on ``configs/perfedavg_hetero.py`` (synthetic fallback data).
+  on ``configs/perfedavg_hetero.py`` (synthetic fallback data);
+- ``many_clients``: ``benchmarks/many_clients.py``, 10,000 clients x 100 images of 28x28x3
+  (9.4 GB, written once to a memory-mapped file in the temp directory) streamed to the device,
+  every client in one round, the chunk chosen by ``jaxfl.memory`` for half the device's memory;
+- ``multi_process``: ``benchmarks/multi_process.py``, 2 processes of one ``jax.distributed``
+  job vs 1 process on the same mesh, on the host CPU (one accelerator cannot hold two
+  collective ranks; on several GPUs or hosts, run ``experiments.run`` as README shows).
 
 CKKS / SecAgg+ run on the host CPU (``benchmarks/secure_agg.py``) and are not part of it.
 
@@ -69,7 +75,15 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 
 import throughput  # noqa: E402 - needs the path above; light (no jax at import)
 
-SECTIONS = ("throughput", "dpresnet", "dp_overhead", "perfedavg", "throughput_e4")
+SECTIONS = (
+    "throughput",
+    "dpresnet",
+    "dp_overhead",
+    "perfedavg",
+    "throughput_e4",
+    "many_clients",
+    "multi_process",
+)
 THROUGHPUT_ROWS = ("loop_baseline", "single_batch_limit", "loop", "chunked", "vmap", "shard_map")
 START, ROW, ENV = "@@START ", "@@ROW ", "@@ENV "
 # Tests' fault injection: {"row id": "crash" | "hang"} makes the worker die or stall at that row.
@@ -95,6 +109,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "perfedavg_n_train": 6000,
         "perfedavg_algorithms": ["fedavg", "perfedavg_fo", "perfedavg_hf"],
         "perfedavg_strategy": "auto",
+        "many_clients": 10000,
+        "many_per_client": 100,
+        "many_image_size": 28,
+        "many_memory_limit_gb": 0.0,
+        "many_timeout_s": 240.0,
+        "multi_clients": 64,
+        "multi_n_train": 6400,
+        "multi_rounds": 3,
+        "multi_timeout_s": 150.0,
         "row_timeout_s": 75.0,
         "budget_s": 420.0,
     },
@@ -115,6 +138,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "perfedavg_n_train": 64,
         "perfedavg_algorithms": ["fedavg", "perfedavg_hf"],
         "perfedavg_strategy": "auto",
+        "many_clients": 8,
+        "many_per_client": 4,
+        "many_image_size": 8,
+        "many_memory_limit_gb": 0.05,
+        "many_timeout_s": 90.0,
+        "multi_clients": 4,
+        "multi_n_train": 64,
+        "multi_rounds": 2,
+        "multi_timeout_s": 120.0,
         "row_timeout_s": 60.0,
         "budget_s": 240.0,
     },
@@ -206,6 +238,32 @@ def plan_rows(sections: list[str], s: dict[str, Any]) -> list[dict[str, Any]]:
                         "strategy": s["perfedavg_strategy"],
                     }
                 )
+        elif section == "many_clients":
+            rows.append(
+                {
+                    "id": f"many_clients/cnn/K={s['many_clients']}/stream_auto_chunk",
+                    "section": section,
+                    "kind": "many_clients",
+                    "model": "cnn",
+                    "clients": s["many_clients"],
+                    "local_steps": None,
+                    "strategy": "auto",
+                    "timeout_s": s["many_timeout_s"],
+                }
+            )
+        elif section == "multi_process":
+            rows.append(
+                {
+                    "id": f"multi_process/cnn/K={s['multi_clients']}/2_processes_cpu",
+                    "section": section,
+                    "kind": "multi_process",
+                    "model": "cnn",
+                    "clients": s["multi_clients"],
+                    "local_steps": None,
+                    "strategy": "shard_map",
+                    "timeout_s": s["multi_timeout_s"],
+                }
+            )
     return rows
 
 
@@ -262,7 +320,55 @@ def _round_cost_row(row: dict, s: dict, budget_s: float) -> dict:
     }
 
 
-RUNNERS = {"throughput": _throughput_row, "dp_overhead": _dp_row, "round_cost": _round_cost_row}
+def _many_clients_row(row: dict, s: dict, budget_s: float) -> dict:
+    """K clients x ``many_per_client`` images streamed from a memory-mapped file, every client
+    each round, the chunk chosen by jaxfl.memory (``benchmarks/many_clients.py``)."""
+    import many_clients
+
+    k, n, size = row["clients"], s["many_per_client"], s["many_image_size"]
+    path = many_clients.image_path(tempfile.gettempdir(), k, n, size)
+    written = many_clients.write_images(path, k, n, size)
+    out = many_clients.measure(
+        path, k, per_client=n, memory_limit_gb=s["many_memory_limit_gb"], batch_size=16
+    )
+    steps = (out.get("local_steps_mean") or 0.0) * k
+    out["updates_per_s"] = steps / out["seconds_per_round"] if steps else None
+    out["first_round_s"] = out.get("warmup_round_s")
+    out["resolved"] = out.get("backend")
+    out["data_write_s"] = written
+    return out
+
+
+def _multi_process_row(row: dict, s: dict, budget_s: float) -> dict:
+    """2 processes of one jax.distributed job vs 1 process, same mesh, on the host CPU: one
+    accelerator cannot be shared by two collective ranks (``benchmarks/multi_process.py``)."""
+    import multi_process
+
+    argv = [
+        f"--clients={row['clients']}",
+        f"--n-train={s['multi_n_train']}",
+        f"--rounds={s['multi_rounds']}",
+        "--platform=cpu",
+        f"--timeout-s={int(budget_s)}",
+    ]
+    runs = multi_process.main(argv)
+    two = next(r for r in runs if r["processes"] == 2)
+    return {
+        "seconds_per_round": two["round_s_median"],
+        "ratio_vs_one_process_mesh": two["ratio_vs_one_process_mesh"],
+        "same_results": all(r["same_results"] for r in runs),
+        "runs": runs,
+        "resolved": "2 processes x 1 cpu device",
+    }
+
+
+RUNNERS = {
+    "throughput": _throughput_row,
+    "dp_overhead": _dp_row,
+    "round_cost": _round_cost_row,
+    "many_clients": _many_clients_row,
+    "multi_process": _multi_process_row,
+}
 
 
 class _DeviceMemory:
@@ -354,7 +460,8 @@ def worker(rows_file: str, settings: dict) -> None:
         try:
             with _DeviceMemory() as mem:
                 # Rows stop timing repeats with a margin before the parent's kill.
-                out = RUNNERS[row["kind"]](row, settings, 0.8 * settings["row_timeout_s"])
+                limit = row.get("timeout_s", settings["row_timeout_s"])
+                out = RUNNERS[row["kind"]](row, settings, 0.8 * limit)
             out.update(mem.result())
             out["error"] = None
         except Exception as e:  # noqa: BLE001 - record the failure, go on with the next row
@@ -436,8 +543,9 @@ class Suite:
                         timeout=max(0.0, min(row_deadline, self.deadline) - time.monotonic())
                     )
                 except queue.Empty:
+                    limit = by_id[current].get("timeout_s") if current else None
                     reason = (
-                        f"timeout after {self.settings['row_timeout_s']:.0f} s"
+                        f"timeout after {limit or self.settings['row_timeout_s']:.0f} s"
                         if row_deadline <= self.deadline
                         else "killed: suite budget spent"
                     )
@@ -465,7 +573,8 @@ class Suite:
                     self.env = json.loads(line[len(ENV) :])
                 elif line.startswith(START):
                     current = line[len(START) :].strip()
-                    row_deadline = time.monotonic() + self.settings["row_timeout_s"]
+                    limit = by_id[current].get("timeout_s", self.settings["row_timeout_s"])
+                    row_deadline = time.monotonic() + limit
                 elif line.startswith(ROW):
                     result = json.loads(line[len(ROW) :])
                     self._record(result)

@@ -35,6 +35,8 @@ def test_cpu_dry_run_measures_every_row_kind(tmp_path):
         "dpresnet",
         "dp_overhead",
         "perfedavg",
+        "many_clients",
+        "multi_process",
     }
     env = report["environment"]
     assert env["backend"] == "cpu" and env["jax_version"] and env["device"]
@@ -45,7 +47,12 @@ def test_cpu_dry_run_measures_every_row_kind(tmp_path):
         for key in ("updates_per_s", "ratio_vs_loop", "fraction_of_limit"):
             assert key in r
         assert r["peak_device_memory_mb"] is None  # XLA:CPU reports no memory statistics
-        assert r["updates_per_s"] > 0
+        if r["kind"] != "multi_process":  # timed as s/round against one process
+            assert r["updates_per_s"] > 0
+    many = rows["many_clients/cnn/K=8/stream_auto_chunk"]
+    assert 1 <= many["chunk"] <= 8 and many["peak_rss_mib"] > 0 and "streaming" in many["backend"]
+    multi = rows["multi_process/cnn/K=4/2_processes_cpu"]
+    assert multi["same_results"] and multi["seconds_per_round"] > 0
     base = rows["throughput/cnn/K=4/E=1/loop_baseline"]
     vmap = rows["throughput/cnn/K=4/E=1/vmap"]
     limit = rows["throughput/cnn/K=4/E=1/single_batch_limit"]
