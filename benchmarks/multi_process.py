@@ -27,6 +27,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # jaxfl from this checkout, installed or not
+
+from jaxfl.distributed import localhost_commands  # noqa: E402
+
 COMPARED = ("train_loss", "test_loss", "test_accuracy", "examples_seen")
 
 
@@ -69,19 +73,7 @@ def launch(args: argparse.Namespace, workdir: Path, processes: int, devices: int
         "--config.strategy=shard_map",
         "--config.checkpoint_every=0",
     ]
-    cmds = [base]
-    if processes > 1:
-        port = _free_port()
-        cmds = [
-            [
-                *base,
-                "--config.distributed.enabled=True",
-                f"--config.distributed.coordinator_address=localhost:{port}",
-                f"--config.distributed.num_processes={processes}",
-                f"--config.distributed.process_id={i}",
-            ]
-            for i in range(processes)
-        ]
+    cmds = localhost_commands(base, processes, _free_port())
     start = time.perf_counter()
     procs = [
         subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -74,6 +74,23 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
         jax.device_count(),
     )
     return jax.process_count() > 1
+
+
+def localhost_commands(command: Sequence[str], processes: int, port: int) -> list[list[str]]:
+    """``command`` (an ``experiments.run`` command line) as the ``processes`` processes of one
+    job on this machine, coordinated at ``localhost:port``; one process: ``[command]``."""
+    if processes == 1:
+        return [list(command)]
+    return [
+        [
+            *command,
+            "--config.distributed.enabled=True",
+            f"--config.distributed.coordinator_address=localhost:{port}",
+            f"--config.distributed.num_processes={processes}",
+            f"--config.distributed.process_id={i}",
+        ]
+        for i in range(processes)
+    ]
 
 
 def multi_process() -> bool:

@@ -46,19 +46,8 @@ def _launch(workdir: Path, args: tuple[str, ...], processes: int) -> list[str]:
     the logs of any that failed."""
     env = {**os.environ, "CI": "1", "PYTHONPATH": str(ROOT), "JAXFL_CPU_DEVICES": "1"}
     base = [sys.executable, "-m", "experiments.run", "--config=configs/debug.py"]
-    cmds = [[*base, f"--workdir={workdir}", *SMALL, *args]]
-    if processes > 1:
-        port = _free_port()
-        cmds = [
-            [
-                *cmds[0],
-                "--config.distributed.enabled=True",
-                f"--config.distributed.coordinator_address=localhost:{port}",
-                f"--config.distributed.num_processes={processes}",
-                f"--config.distributed.process_id={i}",
-            ]
-            for i in range(processes)
-        ]
+    command = [*base, f"--workdir={workdir}", *SMALL, *args]
+    cmds = distributed.localhost_commands(command, processes, _free_port())
     procs = [
         subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for c in cmds

@@ -92,22 +92,23 @@ def test_validation_accepts_automatic_chunk_size_and_refuses_negative_fields():
     assert "config.chunk_size=-1" in str(e.value) and "config.memory_limit_gb=-2.0" in str(e.value)
 
 
+# A 2-round debug run of 6 MLP clients, streamed, its chunk chosen under a 20 MiB cap.
+STREAMED_AUTO = {
+    "rounds": 2,
+    "num_clients": 6,
+    "data.n_train": 240,
+    "data.n_test": 64,
+    "local.epochs": 1,
+    "model.name": "mlp",
+    "placement": "stream",
+    "chunk_size": 0,
+    "memory_limit_gb": 0.02,
+    "checkpoint_every": 0,
+}
+
+
 def test_config_with_automatic_chunk_size_streams_end_to_end(tmp_path, caplog):
-    config = apply_overrides(
-        debug.get_config(),
-        {
-            "rounds": 2,
-            "num_clients": 6,
-            "data.n_train": 240,
-            "data.n_test": 64,
-            "local.epochs": 1,
-            "model.name": "mlp",
-            "placement": "stream",
-            "chunk_size": 0,
-            "memory_limit_gb": 0.02,
-            "checkpoint_every": 0,
-        },
-    )
+    config = apply_overrides(debug.get_config(), STREAMED_AUTO)
     with caplog.at_level(logging.INFO):
         final = train_and_evaluate(config, tmp_path)
     chosen = [r.getMessage() for r in caplog.records if "Automatic chunk size" in r.getMessage()]
@@ -153,24 +154,8 @@ def test_a_stateful_clients_state_counts_in_its_memory_and_against_resident_data
 
 
 def test_stateful_run_with_automatic_chunk_size_streams_end_to_end(tmp_path):
-    config = apply_overrides(
-        debug.get_config(),
-        {
-            "rounds": 2,
-            "num_clients": 6,
-            "data.n_train": 240,
-            "data.n_test": 64,
-            "local.epochs": 1,
-            "local.optimizer": "sgd",
-            "local.learning_rate": 0.05,
-            "model.name": "mlp",
-            "algorithm.name": "scaffold",
-            "placement": "stream",
-            "chunk_size": 0,
-            "memory_limit_gb": 0.02,
-            "checkpoint_every": 0,
-        },
-    )
+    scaffold = {"algorithm.name": "scaffold", "local.optimizer": "sgd", "local.learning_rate": 0.05}
+    config = apply_overrides(debug.get_config(), {**STREAMED_AUTO, **scaffold})
     final = train_and_evaluate(config, tmp_path)
     assert [m["round"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     assert final["clients"] == 6 and 0 <= final["test_accuracy"] <= 1
