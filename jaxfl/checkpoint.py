@@ -110,6 +110,11 @@ class Checkpointer:
         )
         return distributed.to_local(restored["state"], like)
 
+    def due(self, rounds_done: int, force: bool = False) -> bool:
+        """Whether :meth:`maybe_save` would save after ``rounds_done`` rounds."""
+        due = force or (self.every > 0 and rounds_done % self.every == 0)
+        return due and self.manager.latest_step() != rounds_done
+
     def maybe_save(
         self,
         rounds_done: int,
@@ -118,8 +123,7 @@ class Checkpointer:
         force: bool = False,
     ) -> None:
         """Save after ``rounds_done`` rounds if it is a checkpoint round (or ``force``)."""
-        due = force or (self.every > 0 and rounds_done % self.every == 0)
-        if due and self.manager.latest_step() != rounds_done:
+        if self.due(rounds_done, force):
             self.manager.save(
                 rounds_done,
                 args=ocp.args.Composite(

@@ -12,7 +12,7 @@ workdir's files; every process takes part in orbax checkpoints, as orbax require
 ``config.distributed.enabled = True`` turns it on. With the other fields left empty JAX finds
 the cluster itself (SLURM, Open MPI, Cloud TPU: ``jax.distributed.initialize()``); on machines
 it cannot detect, set ``coordinator_address``, ``num_processes`` and ``process_id`` (one
-process per id, the same address everywhere). See README, "Several processes".
+process per id, the same address everywhere). See README, "Scale: ... several processes".
 """
 
 from __future__ import annotations
@@ -136,6 +136,14 @@ def _picklable(e: BaseException) -> bool:
     except Exception:  # noqa: BLE001
         return False
     return True
+
+
+def to_host(a: Any) -> np.ndarray:
+    """The whole value of ``a`` on this process's host, also when it is sharded over other
+    processes' devices (gathered: every process must call it)."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
 
 
 def _replicated() -> NamedSharding:

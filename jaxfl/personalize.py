@@ -195,6 +195,14 @@ class LocalOnly:
         stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_clients, *x.shape)), params)
         return ServerState(stacked, (), jnp.zeros((), jnp.int32))
 
+    def checkpoint_state(self, state: ServerState) -> ServerState:
+        """``state`` as a checkpoint holds it (the per-client models ``[K, ...]`` as they are)."""
+        return state
+
+    def restore_state(self, state: ServerState) -> ServerState:
+        """A restored :meth:`checkpoint_state`."""
+        return state
+
     def run_round(self, state: ServerState, round_idx: int) -> tuple[ServerState, dict]:
         """One round of local training on every client; returns the state and round metrics."""
         params, per_client = self._round(

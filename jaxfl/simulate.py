@@ -38,7 +38,7 @@ from jaxfl.runtime import tune_cpu_malloc
 from jaxfl.secure.entropy import os_uniform
 from jaxfl.secure.secagg import SecAggError
 from jaxfl.tasks import CLASSIFICATION, Task
-from jaxfl.tree import tree_scale, tree_sum_axis0
+from jaxfl.tree import tree_scale
 from jaxfl.types import ClientArrays, ClientData, Params
 
 if TYPE_CHECKING:
@@ -107,15 +107,35 @@ def _stateful_update(
     return _client_update(algorithm, shared, data, cid, valid, state)
 
 
-def _sum_outputs(outputs: ClientOutput) -> Aggregate:
-    """The :class:`Aggregate` of stacked client outputs ``[S, ...]``."""
-    weighted = jax.tree.map(lambda u: jnp.einsum("s,s...->...", outputs.weight, u), outputs.update)
-    return Aggregate(weighted, jnp.sum(outputs.weight), tree_sum_axis0(outputs.metrics))
+def _sum_outputs(outputs: ClientOutput, xp=jnp) -> Aggregate:
+    """The :class:`Aggregate` of stacked client outputs ``[S, ...]``, with ``xp`` (``jnp``
+    traced, or ``np`` for outputs a streaming backend left on the host)."""
+    w = outputs.weight
+    weighted = jax.tree.map(lambda u: xp.tensordot(w, u, axes=1).astype(u.dtype), outputs.update)
+    metrics = jax.tree.map(lambda m: xp.sum(m, axis=0), outputs.metrics)
+    return Aggregate(weighted, xp.sum(w), metrics)
 
 
-def _flat_outputs(outputs: ClientOutput) -> tuple[jax.Array, jax.Array]:
-    """Stacked client outputs as ``(flat updates [S, D], weights [S])`` for host aggregation."""
-    return jax.vmap(lambda u: ravel_pytree(u)[0])(outputs.update), outputs.weight
+def _flat_outputs(outputs: ClientOutput, xp=jnp) -> tuple[jax.Array, jax.Array]:
+    """Stacked client outputs as ``(flat updates [S, D], weights [S])`` for host aggregation
+    (``ravel_pytree``'s order: the leaves flattened and concatenated)."""
+    leaves = jax.tree.leaves(outputs.update)
+    n = outputs.weight.shape[0]
+    return xp.concatenate([u.reshape(n, -1) for u in leaves], axis=1), outputs.weight
+
+
+def _on_host_or_jit(fn):
+    """``fn(outputs)`` in numpy when every leaf of ``outputs`` is a host array (a streaming
+    backend's outputs: sending all of them back to the device would undo its memory bound),
+    else jitted."""
+    jitted = jax.jit(fn)
+
+    def call(outputs):
+        if all(isinstance(a, np.ndarray) for a in jax.tree.leaves(outputs)):
+            return fn(outputs, np)
+        return jitted(outputs)
+
+    return call
 
 
 def _write_rows(clients, ids: jax.Array, new):
@@ -207,12 +227,16 @@ class Simulator:
     ):
         chex.assert_equal_shape_prefix(jax.tree.leaves(train), 1)
         if host_aggregator is not None and algorithm.aggregate is not weighted_mean:
+            fix = (
+                "secure.aggregator='plain' (SCAFFOLD divides its control-variate sum by the "
+                "number of clients on the server)"
+                if algorithm.name == "scaffold"
+                else "secure.aggregator='plain', or dp.mode='local_update' or 'record' for DP "
+                "with secure aggregation (central DP adds its noise to the sum on the server)"
+            )
             raise ValueError(
-                f"{algorithm.name} aggregates with its own server-side rule (central DP adds "
-                "noise to the sum; SCAFFOLD divides its control-variate sum by the number of "
-                "clients), which host secure aggregation would bypass; use "
-                "secure.aggregator='plain', or dp.mode='local_update' or 'record' for DP with "
-                "secure aggregation."
+                f"{algorithm.name} aggregates with its own server-side rule, which host secure "
+                f"aggregation would bypass; use {fix}."
             )
         if poisson_rate is not None and not 0 < poisson_rate <= 1:
             raise ValueError(f"poisson_rate must be in (0, 1], got {poisson_rate}.")
@@ -252,8 +276,8 @@ class Simulator:
         self._server_update = jax.jit(algorithm.server_update)
         if algorithm.stateful:
             self._stateful = self.backend.map(functools.partial(_stateful_update, algorithm))
-            self._sum_outputs = jax.jit(_sum_outputs)
-            self._flat_outputs = jax.jit(_flat_outputs)
+            self._sum_outputs = _on_host_or_jit(_sum_outputs)
+            self._flat_outputs = _on_host_or_jit(_flat_outputs)
             self._write_rows = jax.jit(_write_rows)
         self._aggregate = jax.jit(functools.partial(_release, algorithm))
         self._trials = jax.jit(functools.partial(_trial_outputs, algorithm, self.client_stream))
@@ -270,6 +294,24 @@ class Simulator:
         k = self.num_clients
         stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (k, *x.shape)), one)
         return state._replace(clients=self.backend.place(jax.tree.map(np.array, stacked)))
+
+    def checkpoint_state(self, state: ServerState) -> ServerState:
+        """``state`` as a checkpoint holds it: every client's state as host rows ``[K, ...]``,
+        free of the backend's layout (padding to a multiple of the devices, sharding over
+        processes), so a run resumes under another device or process count."""
+        if state.clients is None:
+            return state
+        k = self.num_clients
+        return state._replace(
+            clients=jax.tree.map(lambda a: distributed.to_host(a)[:k], state.clients)
+        )
+
+    def restore_state(self, state: ServerState) -> ServerState:
+        """:meth:`checkpoint_state` undone: the client rows placed as this backend places them."""
+        if state.clients is None:
+            return state
+        host = jax.tree.map(np.asarray, state.clients)
+        return state._replace(clients=self.backend.place(host))
 
     def sample_clients(self, round_idx: int) -> np.ndarray:
         """Sorted ids of the clients taking part in ``round_idx``."""

@@ -106,6 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if any((workdir / "checkpoints").glob("[0-9]*")):
         check_same_config(workdir, config)
     fed = load_federated_data(config)
+    distributed.barrier("config checked")  # no process reads config.json while it is written
     if primary:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
@@ -129,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     history = _truncate_metrics(metrics_path, start_round, write=primary)
     if start_round > 0:
-        state = checkpointer.restore(state)
+        state = runner.restore_state(checkpointer.restore(runner.checkpoint_state(state)))
         logging.info("Resuming %s from the checkpoint after round %d", workdir, start_round)
     if start_round >= config.rounds:
         logging.info(
@@ -205,7 +206,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
             ledger = {"noise_multipliers": privacy.ledger(r + 1)} if privacy.epsilons_for else {}
-            checkpointer.maybe_save(r + 1, state, ledger, force=r + 1 == config.rounds)
+            last = r + 1 == config.rounds
+            if checkpointer.due(r + 1, force=last):
+                saved = runner.checkpoint_state(state)
+                checkpointer.maybe_save(r + 1, saved, ledger, force=last)
             _report(bar, metrics, task, config.rounds, start, r + 1 - start_round)
     finally:
         checkpointer.close()

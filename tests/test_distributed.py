@@ -87,8 +87,13 @@ def test_two_processes_give_the_result_of_one(tmp_path):
 @pytest.mark.slow
 def test_stateful_clients_on_two_processes_resume_from_one_process_checkpoint(tmp_path):
     # SCAFFOLD's control variates are sharded over both processes' devices; the checkpoint a
-    # single process wrote after round 2 resumes on two processes, and vice versa.
-    args = ("--config.algorithm.name=scaffold", "--config.local.optimizer=sgd")
+    # single process wrote after round 2 resumes on two processes, and vice versa. 5 clients:
+    # one device holds 5 rows, two hold 6 (padded), and the checkpoint neither.
+    args = (
+        "--config.algorithm.name=scaffold",
+        "--config.local.optimizer=sgd",
+        "--config.num_clients=5",
+    )
     one, mixed = tmp_path / "one", tmp_path / "mixed"
     _launch(one, (*args, "--config.rounds=4"), 1)
     _launch(mixed, (*args, "--config.rounds=2"), 1)

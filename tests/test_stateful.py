@@ -180,6 +180,37 @@ def test_scaffold_equals_its_reference_loop_on_every_backend(tiny_model, tiny_pa
             assert_trees_close(got, want, atol=2e-5)
 
 
+def test_client_state_checkpoint_resumes_under_another_device_layout(
+    tmp_path, tiny_model, tiny_params
+):
+    # Regression: the checkpoint held the backend's padded rows (6 clients on 4 devices: 8),
+    # so a run could not resume on another device count. It holds [K] host rows now.
+    loss, algorithm = _scaffold(tiny_model)
+    arrays = make_client_arrays(COUNTS, n_slots=10)
+    sampler = Simulator(algorithm, arrays, seed=SEED, clients_per_round=PER_ROUND, strategy="loop")
+    x, c, c_i = scaffold_reference(
+        loss, tiny_params, arrays, [sampler.sample_clients(r) for r in range(ROUNDS)]
+    )
+    layouts = [_backend("shard_map", 4, 0), _backend("loop", 0, 2), _backend("vmap", 0, 0)]
+    state = None
+    for r, backend in enumerate(layouts):
+        sim = Simulator(algorithm, arrays, seed=SEED, backend=backend, clients_per_round=PER_ROUND)
+        state = sim.init(tiny_params)
+        if r:
+            ckpt = Checkpointer(tmp_path, 1)
+            state = sim.restore_state(ckpt.restore(sim.checkpoint_state(state)))
+            ckpt.close()
+        state, _ = sim.run_round(state, r)
+        ckpt = Checkpointer(tmp_path, 1)
+        ckpt.maybe_save(r + 1, sim.checkpoint_state(state))
+        ckpt.close()
+        assert jax.tree.leaves(sim.checkpoint_state(state).clients)[0].shape[0] == len(COUNTS)
+    assert_trees_close(state.params, x, atol=2e-5)
+    assert_trees_close(state.opt_state.control, c, atol=2e-5)
+    for got, want in zip(_rows(state.clients), c_i, strict=True):
+        assert_trees_close(got, want, atol=2e-5)
+
+
 def test_ditto_equals_its_reference_loop_on_every_backend(tiny_model, tiny_params):
     loss, algorithm = _ditto(tiny_model)
     arrays = make_client_arrays(COUNTS, n_slots=10)
@@ -239,6 +270,10 @@ def test_scaffold_refuses_host_aggregation_and_the_audit_refuses_stateful(tiny_m
     "overrides, message",
     [
         ({"algorithm.name": "scaffold"}, "set local.optimizer='sgd'"),
+        (
+            {"algorithm.name": "scaffold", "local.optimizer": "sgd", "local.momentum": 0.9},
+            "scaffold' with local.momentum=0.9",
+        ),
         (
             {"algorithm.name": "scaffold", "local.optimizer": "sgd", "dp.mode": "local_update"},
             "not the control variates",
@@ -305,7 +340,7 @@ def test_interrupted_stateful_run_resumes_exactly(tmp_path, monkeypatch, name):
         ckpt.close()
     assert_trees_close(states[0], states[1], atol=0)
     clients = jax.tree.leaves(states[0]["clients"])
-    assert clients and clients[0].shape[0] >= 4  # every client's state is in the checkpoint
+    assert clients and clients[0].shape[0] == 4  # every client's state, and only theirs
     if name == "ditto":
         assert "personalized_accuracy_mean" in full
 
