@@ -472,6 +472,7 @@ class StreamingBackend:
     keys, and hence results, are those of device-resident data (sums are added chunk by
     chunk: equal up to float summation order). Device memory holds one chunk; JAX's
     asynchronous dispatch overlaps the host gather of the next chunk with the current one.
+    ``map`` returns host (numpy) arrays, each chunk's outputs fetched as the next one runs.
     """
 
     def __init__(self, inner: ClientBackend, chunk: int):
@@ -541,14 +542,19 @@ class StreamingBackend:
         run = self.inner.map(self._wrap(fn))
 
         def call(shared, per_client, ids, valid, costs=None):
-            outs = [
-                run((shared, cids), data, local, ok, costs=cost)
-                for data, cids, local, ok, cost in self._chunks(per_client, ids, valid, costs)
-            ]
-            if not outs:
+            # Each chunk's outputs come back to the host while the next chunk runs, so the
+            # device holds two chunks' outputs at most, however many clients there are.
+            outs, pending = [], None
+            for data, cids, local, ok, cost in self._chunks(per_client, ids, valid, costs):
+                out = run((shared, cids), data, local, ok, costs=cost)
+                if pending is not None:
+                    outs.append(jax.tree.map(np.asarray, pending))
+                pending = out
+            if pending is None:
                 shape = self._out_shape(fn, shared, per_client)
-                return jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), shape)
-            return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+                return jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), shape)
+            outs.append(jax.tree.map(np.asarray, pending))
+            return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
         return call
 

@@ -33,8 +33,3 @@ def tree_sq_norm(a: PyTree) -> jax.Array:
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
     """Inner product ``<a, b>`` over all leaves."""
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
-def tree_sum_axis0(a: PyTree) -> PyTree:
-    """Sum every leaf over its leading (client) axis: ``[K, ...] -> [...]``."""
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0), a)
