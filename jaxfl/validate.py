@@ -283,13 +283,17 @@ def _validate_personalization(config: ml_collections.ConfigDict, errors: list[st
             "update-level DP clips FedAvg-style updates; use dp.mode='record' (DP-SGD on every "
             "batch of each Per-FedAvg step) or 'none'."
         )
-    if name == "scaffold" and (
-        config.local.optimizer != "sgd" or config.local.get("momentum", 0.0)
-    ):
+    momentum = config.local.get("momentum", 0.0)
+    if name == "scaffold" and (config.local.optimizer != "sgd" or momentum):
+        what = (
+            f"local.momentum={momentum}"
+            if config.local.optimizer == "sgd"
+            else f"local.optimizer={config.local.optimizer!r}"
+        )
         errors.append(
-            f"algorithm 'scaffold' with local.optimizer={config.local.optimizer!r}: its "
-            "control-variate update assumes plain local SGD steps of size local.learning_rate; "
-            "set local.optimizer='sgd' and local.momentum=0."
+            f"algorithm 'scaffold' with {what}: its control-variate update assumes plain local "
+            "SGD steps of size local.learning_rate; set local.optimizer='sgd' and "
+            "local.momentum=0."
         )
     if name == "scaffold" and config.dp.mode not in ("none", "record"):
         errors.append(
