@@ -66,7 +66,7 @@ from jaxfl.data.volumes import (
     volume_dataset,
 )
 from jaxfl.errors import ConfigError
-from jaxfl.memory import auto_chunk_size, memory_cap_bytes, per_device_chunk
+from jaxfl.memory import auto_chunk_size, memory_cap_bytes, per_device_chunk, shapes_of
 from jaxfl.models import get_model
 from jaxfl.personalize import LocalOnly, PersonalizedEval, make_personalized_eval
 from jaxfl.privacy.plan import PrivacyPlan, plan_privacy
@@ -542,9 +542,7 @@ def client_program(
         jax.ShapeDtypeStruct((), jnp.int32),
     )
     k = train.num_clients
-    per_client = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), client_rows(train)
-    )
+    per_client = shapes_of(client_rows(train))
     if algorithm.stateful:
         one = jax.eval_shape(algorithm.client_init, params)
         states = jax.tree.map(lambda s: jax.ShapeDtypeStruct((k, *s.shape), s.dtype), one)
@@ -657,7 +655,7 @@ def build_runner(
     local = config.algorithm.name == "local"  # local-only training runs every client
     k = train.num_clients
     per_round = k if rate or local else num_sampled_clients(sampling, k)
-    if config.algorithm.name == "local":
+    if local:
         program = client_program(config, task, model, train, None) if auto else None
         runner = LocalOnly(
             make_loss(task, model.apply),

@@ -72,7 +72,7 @@ def compiled_bytes(compiled: jax.stages.Compiled) -> int:
     )
 
 
-def _abstract(tree: PyTree) -> PyTree:
+def shapes_of(tree: PyTree) -> PyTree:
     """Every array-like leaf (jax, numpy, :class:`~jaxfl.data.lazy.LazyRows`) as a
     ``ShapeDtypeStruct``, so compiling reads no data."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
@@ -97,7 +97,7 @@ def chunk_bytes(fn: ClientFn, shared: PyTree, client: PyTree, chunk: int) -> int
     data = jax.tree.map(lambda s: jax.ShapeDtypeStruct((chunk, *s.shape), s.dtype), client)
     cids = jax.ShapeDtypeStruct((chunk,), jnp.int32)
     valid = jax.ShapeDtypeStruct((chunk,), jnp.bool_)
-    compiled = jax.jit(run).lower(_abstract(shared), data, cids, valid).compile()
+    compiled = jax.jit(run).lower(shapes_of(shared), data, cids, valid).compile()
     return compiled_bytes(compiled)
 
 

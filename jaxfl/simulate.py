@@ -267,7 +267,7 @@ class Simulator:
         self.sample_stream = jax.random.fold_in(root, SAMPLE_STREAM)
         self.client_stream = jax.random.fold_in(root, CLIENT_STREAM)
         self.server_stream = jax.random.fold_in(root, SERVER_STREAM)
-        self._sum = self.backend.sum(client_contribution(algorithm))
+        self._sum = self.backend.sum(functools.partial(_contribution, algorithm))
         self._outputs = self.backend.map(functools.partial(_client_output, algorithm))
         self._finish = jax.jit(functools.partial(_finish, algorithm))
         self.host_aggregator = host_aggregator
@@ -388,9 +388,14 @@ class Simulator:
         server = state._replace(clients=None)
         if self.host_aggregator is not None:
             flat, weights = (np.asarray(x) for x in self._flat_outputs(outputs))
-            one = jax.tree.map(lambda u: jax.ShapeDtypeStruct(u.shape[1:], u.dtype), outputs.update)
-            unravel = _unravel_like(one)
-            server, metrics = self._host_round(server, flat, weights, unravel, round_idx, selected)
+            if self._unravel_fn is None:  # the update's shapes do not change between rounds
+                one = jax.tree.map(
+                    lambda u: jax.ShapeDtypeStruct(u.shape[1:], u.dtype), outputs.update
+                )
+                self._unravel_fn = _unravel_like(one)
+            server, metrics = self._host_round(
+                server, flat, weights, self._unravel_fn, round_idx, selected
+            )
         else:
             # The outputs may be sharded over a mesh; the sum goes where the server state is.
             home = jax.tree.leaves(server.params)[0].sharding
