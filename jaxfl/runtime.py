@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import glob
+import mmap
 import os
 import resource
 import sys
@@ -84,6 +86,73 @@ def configure_collective_timeouts() -> list[str]:
     if added:
         os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
     return added
+
+
+# XLA:CPU (jaxlib 0.10.2) hands convolutions to YNNPACK by default. Measured on a 2-core Xeon
+# with AVX-512 and AMX: YNNPACK's kernel-gradient convolutions run at 40-90 GFLOP/s, XLA's own
+# Eigen convolutions at 100-180, and a DPResNet training step (batch 32) takes 1.9-2.1 s with
+# YNNPACK convolutions and 0.95-0.98 s without (UNet 0.18 -> 0.16 s, SmallCNN unchanged).
+# Dots, elementwise ops and reductions stay on YNNPACK.
+YNN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+KEEP_YNN_CONV_ENV = "JAXFL_YNN_CONVOLUTIONS"
+# What configure_cpu_convolutions decided, for the run log.
+cpu_convolution_choice = "not configured by jaxfl"
+
+
+def _jaxlib_knows(*names: bytes) -> bool:
+    """Whether the installed jaxlib's XLA binary contains every string in ``names``.
+
+    XLA aborts the process on an unknown flag or fusion type in ``XLA_FLAGS``, so a flag that
+    only some jaxlib versions define is set only after this check finds its name compiled in.
+    """
+    import jaxlib
+
+    for path in glob.glob(os.path.join(os.path.dirname(jaxlib.__file__), "*.so")):
+        if os.path.getsize(path) < (1 << 24):  # the loader stubs; XLA itself is hundreds of MB
+            continue
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if all(m.find(name) >= 0 for name in names):
+                return True
+    return False
+
+
+def _backends_started() -> bool:
+    """Whether JAX has started its backends (``XLA_FLAGS`` is read then, never again)."""
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # another JAX layout: assume not, as before
+        return False
+
+
+def configure_cpu_convolutions() -> bool:
+    """Keep XLA:CPU's convolutions off YNNPACK (see :data:`YNN_CONV_FLAG`); returns whether set.
+
+    Runs at ``import jaxfl``, before JAX starts its CPU backend. It leaves ``XLA_FLAGS`` alone
+    when the user set ``xla_cpu_experimental_ynn_fusion_type`` there, when
+    ``JAXFL_YNN_CONVOLUTIONS=1`` asks for XLA's default, or when the installed jaxlib has no
+    such flag or fusion type. Accelerators never read it.
+    """
+    global cpu_convolution_choice
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" in flags:
+        cpu_convolution_choice = "YNNPACK fusion types set by the user (XLA_FLAGS)"
+        return False
+    if os.environ.get(KEEP_YNN_CONV_ENV) == "1":
+        cpu_convolution_choice = f"XLA's default ({KEEP_YNN_CONV_ENV}=1)"
+        return False
+    if _backends_started():
+        cpu_convolution_choice = "left as XLA had it (JAX was in use before jaxfl was imported)"
+        return False
+    if not _jaxlib_knows(b"xla_cpu_experimental_ynn_fusion_type", b"INDIVIDUAL_CONVOLUTION"):
+        cpu_convolution_choice = "XLA's default (this jaxlib has no YNNPACK convolutions)"
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {YNN_CONV_FLAG}".strip()
+    cpu_convolution_choice = (
+        f"XLA's own convolutions, not YNNPACK's ({KEEP_YNN_CONV_ENV}=1 for XLA's default)"
+    )
+    return True
 
 
 @functools.cache

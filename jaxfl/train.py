@@ -140,7 +140,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         )
     else:
         if jax.default_backend() == "cpu":
-            logging.info("XLA:CPU: %s", runtime.cpu_device_choice)
+            logging.info(
+                "XLA:CPU: %s; convolutions: %s",
+                runtime.cpu_device_choice,
+                runtime.cpu_convolution_choice,
+            )
         logging.info(
             "%s on %s: %d clients (%d per round), clients run with %s, rounds %d..%d",
             config.algorithm.name,
