@@ -93,7 +93,8 @@ def configure_collective_timeouts() -> list[str]:
 # Eigen convolutions at 100-180, and a DPResNet training step (batch 32) takes 1.9-2.1 s with
 # YNNPACK convolutions and 0.95-0.98 s without (UNet 0.18 -> 0.16 s, SmallCNN unchanged).
 # Dots, elementwise ops and reductions stay on YNNPACK.
-YNN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+YNN_CONV_FLAG = f"--{YNN_FUSION_FLAG}=-individual_convolution"
 KEEP_YNN_CONV_ENV = "JAXFL_YNN_CONVOLUTIONS"
 # What configure_cpu_convolutions decided, for the run log.
 cpu_convolution_choice = "not configured by jaxfl"
@@ -136,7 +137,7 @@ def configure_cpu_convolutions() -> bool:
     """
     global cpu_convolution_choice
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_experimental_ynn_fusion_type" in flags:
+    if YNN_FUSION_FLAG in flags:
         cpu_convolution_choice = "YNNPACK fusion types set by the user (XLA_FLAGS)"
         return False
     if os.environ.get(KEEP_YNN_CONV_ENV) == "1":
@@ -145,7 +146,7 @@ def configure_cpu_convolutions() -> bool:
     if _backends_started():
         cpu_convolution_choice = "left as XLA had it (JAX was in use before jaxfl was imported)"
         return False
-    if not _jaxlib_knows(b"xla_cpu_experimental_ynn_fusion_type", b"INDIVIDUAL_CONVOLUTION"):
+    if not _jaxlib_knows(YNN_FUSION_FLAG.encode(), b"INDIVIDUAL_CONVOLUTION"):
         cpu_convolution_choice = "XLA's default (this jaxlib has no YNNPACK convolutions)"
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {YNN_CONV_FLAG}".strip()

@@ -52,14 +52,14 @@ def _import_jaxfl(env: dict, pre: str = "") -> subprocess.CompletedProcess:
 
 
 def test_import_keeps_convolutions_off_ynnpack_unless_told_otherwise():
-    from jaxfl.runtime import KEEP_YNN_CONV_ENV, YNN_CONV_FLAG, _jaxlib_knows
+    from jaxfl.runtime import KEEP_YNN_CONV_ENV, YNN_CONV_FLAG, YNN_FUSION_FLAG, _jaxlib_knows
 
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", KEEP_YNN_CONV_ENV)}
-    known = _jaxlib_knows(b"xla_cpu_experimental_ynn_fusion_type", b"INDIVIDUAL_CONVOLUTION")
+    known = _jaxlib_knows(YNN_FUSION_FLAG.encode(), b"INDIVIDUAL_CONVOLUTION")
     assert (YNN_CONV_FLAG in _import_jaxfl(env).stdout) is known
     # The user's own YNN setting wins, the opt-out keeps XLA's default, and a JAX that already
     # started its backends is left alone (the flag would be read too late to matter).
-    mine = "--xla_cpu_experimental_ynn_fusion_type=-reduce" if known else ""
+    mine = f"--{YNN_FUSION_FLAG}=-reduce" if known else ""
     out = _import_jaxfl({**env, "XLA_FLAGS": mine}).stdout
     assert YNN_CONV_FLAG not in out and ("set by the user" in out) is known
     out = _import_jaxfl({**env, KEEP_YNN_CONV_ENV: "1"}).stdout
