@@ -78,13 +78,18 @@ COLLECTIVE_FLAGS = {
 }
 
 
+def _append_xla_flags(*flags: str) -> None:
+    """Append ``flags`` to ``XLA_FLAGS``, which XLA reads once, when JAX starts its backends."""
+    if flags:
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
 def configure_collective_timeouts() -> list[str]:
     """Append :data:`COLLECTIVE_FLAGS` to ``XLA_FLAGS`` (those the user has not set); returns the
     flags added. Must run before JAX starts its CPU backend (it runs at ``import jaxfl``)."""
     flags = os.environ.get("XLA_FLAGS", "")
     added = [f"--{k}={v}" for k, v in COLLECTIVE_FLAGS.items() if k not in flags]
-    if added:
-        os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+    _append_xla_flags(*added)
     return added
 
 
@@ -149,7 +154,7 @@ def configure_cpu_convolutions() -> bool:
     if not _jaxlib_knows(YNN_FUSION_FLAG.encode(), b"INDIVIDUAL_CONVOLUTION"):
         cpu_convolution_choice = "XLA's default (this jaxlib has no YNNPACK convolutions)"
         return False
-    os.environ["XLA_FLAGS"] = f"{flags} {YNN_CONV_FLAG}".strip()
+    _append_xla_flags(YNN_CONV_FLAG)
     cpu_convolution_choice = (
         f"XLA's own convolutions, not YNNPACK's ({KEEP_YNN_CONV_ENV}=1 for XLA's default)"
     )
