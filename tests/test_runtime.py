@@ -22,23 +22,6 @@ def test_applies_on_glibc(monkeypatch):
     assert tune_cpu_malloc.__wrapped__() is True
 
 
-def test_import_raises_xla_collective_timeouts_unless_the_user_set_them():
-    code = (
-        "import jaxfl, os, jax; jax.numpy.ones(1).block_until_ready(); "
-        "print(os.environ['XLA_FLAGS'])"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-500:]
-    assert "--xla_cpu_collective_call_terminate_timeout_seconds=604800" in out.stdout
-    mine = "--xla_cpu_collective_call_terminate_timeout_seconds=5"
-    out = subprocess.run(
-        [sys.executable, "-c", code], env={**env, "XLA_FLAGS": mine}, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr[-500:]
-    assert out.stdout.count("terminate_timeout") == 1 and mine in out.stdout
-
-
 def _import_jaxfl(env: dict, pre: str = "") -> subprocess.CompletedProcess:
     """Import jaxfl in a fresh interpreter with ``env``; prints XLA_FLAGS and the conv choice."""
     code = (
@@ -49,6 +32,15 @@ def _import_jaxfl(env: dict, pre: str = "") -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-500:]
     return out
+
+
+def test_import_raises_xla_collective_timeouts_unless_the_user_set_them():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = _import_jaxfl(env)
+    assert "--xla_cpu_collective_call_terminate_timeout_seconds=604800" in out.stdout
+    mine = "--xla_cpu_collective_call_terminate_timeout_seconds=5"
+    out = _import_jaxfl({**env, "XLA_FLAGS": mine})
+    assert out.stdout.count("terminate_timeout") == 1 and mine in out.stdout
 
 
 def test_import_keeps_convolutions_off_ynnpack_unless_told_otherwise():
