@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from jaxfl.factories import init_params
 from jaxfl.metrics import accuracy, binary_auc, macro_auc_ovr, softmax
 from jaxfl.models import MODELS, DPResNet, SmallCNN, count_params, get_model
 from jaxfl.models.resnet import _conv
@@ -53,6 +54,24 @@ def test_count_params_on_real_init():
     # conv 1→32, conv 32→64, dense 2·2·64→128, dense 128→3 (kernels + biases).
     expected = (9 * 32 + 32) + (9 * 32 * 64 + 64) + (256 * 128 + 128) + (128 * 3 + 3)
     assert count_params(params) == expected
+
+
+def test_init_params_equals_flax_eager_init_bit_for_bit():
+    """``factories.init_params`` compiles init once (at a lower LLVM level on CPU) for speed;
+    the parameters must be exactly flax's eager ``model.init``, or seeded runs would change."""
+    model = SmallCNN(num_classes=3)
+    images = jnp.zeros((5, 12, 12, 2), jnp.float32)
+    key = jax.random.key(7)
+    eager = model.init(key, jnp.zeros((1, 12, 12, 2), jnp.float32))["params"]
+    fast = init_params(model, images, key)
+    assert jax.tree.structure(fast) == jax.tree.structure(eager)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(eager), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Negative control: another key gives other parameters, so the comparison can fail.
+    other = init_params(model, images, jax.random.key(8))
+    assert not np.array_equal(
+        np.asarray(other["Conv_0"]["kernel"]), np.asarray(eager["Conv_0"]["kernel"])
+    )
 
 
 def test_dpresnet_convs_are_3x3_without_bias(dpresnet_params):
